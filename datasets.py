@@ -1,0 +1,371 @@
+"""Pretraining datasets and the BootMAE pretraining augmentation.
+
+Every dataset built here yields ``(img, mask)`` pairs: ``img`` is the augmented,
+normalised image [3, H, W] and ``mask`` the flattened bool patch mask [N]
+(True = masked).  Masks are drawn inside ``__getitem__`` so that DataLoader
+workers produce them in parallel with decoding.  Class labels are not part of the
+items (pretraining is self-supervised) but stay reachable as ``dataset.targets``
+for kNN / linear-probe tooling.
+
+Data sets (``args.data_set``):
+
+* ``image_folder`` (default): ImageNet layout, ``<data_path>/train/<class>/<img>``
+  or ``<data_path>/<class>/<img>``.
+* ``cifar10`` / ``cifar100``: torchvision's extracted python batches under
+  ``data_path``; never downloaded from here.
+* ``demo``: a few real photographs bundled in scikit-image's wheel, for smoke
+  runs without any download.
+
+Unreadable images.  A corrupt or truncated file in a 1.28M-image folder must not
+end a multi-day run, so the ImageFolder loader reports the file (one warning per
+file, per process), counts it and substitutes the next index's image.  Only a long
+run of consecutive failures (the folder is not images at all) stops the run.
+PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is deliberately left at its default
+(False) and never set here: with it on, PIL would pad a truncated JPEG with grey
+and the model would silently train on a damaged picture; with it off, the file
+raises, is reported by name and is skipped.
+"""
+import importlib.util
+import os
+import struct
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import Dataset
+from torchvision import datasets as tv_datasets
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+
+import masking_generator
+from utils import UsageError
+
+# The release normalises pixels to [-1, 1] unless --imagenet_default_mean_and_std.
+BOOTMAE_MEAN = (0.5, 0.5, 0.5)
+BOOTMAE_STD = (0.5, 0.5, 0.5)
+IMAGENET_MEAN = tuple(IMAGENET_DEFAULT_MEAN)
+IMAGENET_STD = tuple(IMAGENET_DEFAULT_STD)
+
+DATA_SETS = ("image_folder", "cifar10", "cifar100", "demo")
+
+# After this many unreadable files in a row the folder is not a usable image
+# dataset (wrong path, files still being copied, ...), and skipping on would
+# only hide that.
+MAX_CONSECUTIVE_BAD_IMAGES = 50
+
+# What PIL raises for broken files: OSError covers truncated data and
+# UnidentifiedImageError; some plugins raise SyntaxError / struct.error /
+# EOFError / ValueError on malformed headers or chunks.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
+
+# Real photographs shipped inside scikit-image's wheel (skimage/data).  Left out:
+# synthetic or drawn images (chessboard, color wheel, logo, horse silhouette,
+# phantom, text and page scans) that would teach nothing about natural images.
+DEMO_PHOTOS = (
+    "astronaut.png",
+    "brick.png",
+    "camera.png",
+    "cell.png",
+    "chelsea.png",
+    "clock_motion.png",
+    "coffee.png",
+    "coins.png",
+    "grass.png",
+    "gravel.png",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "microaneurysms.png",
+    "moon.png",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "retina.jpg",
+    "rocket.jpg",
+)
+# Photos are cropped at least 20% of their area, so a short side of 512 px keeps
+# enough detail for 224 crops while making every crop cheap.
+DEMO_MAX_SHORT_SIDE = 512
+
+
+class CorruptImageWarning(UserWarning):
+    """An image file could not be decoded and was replaced by the next one."""
+
+
+class DataAugmentationForBootMAE:
+    """Random-resized-crop + flip + normalise, plus a freshly drawn patch mask."""
+
+    def __init__(self, args):
+        input_size = getattr(args, "input_size", 224)
+        patch_size = getattr(args, "patch_size", 16)
+        if input_size % patch_size != 0:
+            raise UsageError(
+                f"--input_size {input_size} is not a multiple of --patch_size {patch_size}; "
+                f"choose sizes such that input_size / patch_size is an integer"
+            )
+        if getattr(args, "imagenet_default_mean_and_std", False):
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
+        else:
+            mean, std = BOOTMAE_MEAN, BOOTMAE_STD
+
+        self.transform = transforms.Compose([
+            transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=mean, std=std),
+        ])
+
+        grid = input_size // patch_size
+        num_patches = grid * grid
+        # Missing fields fall back to the release's settings (147 masked of 196
+        # patches, block budget 120, blocks of 16..60 patches), scaled to the grid.
+        mask_num = getattr(args, "mask_num", None)
+        if mask_num is None:
+            mask_num = int(round(num_patches * 147 / 196))
+        num_block_patches = getattr(args, "num_mask_patches", None)
+        if num_block_patches is None:
+            num_block_patches = int(round(num_patches * 120 / 196))
+        self.num_patches = num_patches
+        try:
+            self.masked_position_generator = masking_generator.build_masking_generator(
+                getattr(args, "mask_type", "release"),
+                (grid, grid),
+                int(mask_num),
+                num_block_patches,
+                getattr(args, "min_mask_patches_per_block", 16),
+                getattr(args, "max_mask_patches_per_block", 60),
+            )
+        except ValueError as exc:
+            # the generator's messages name the offending flag; they are user errors
+            raise UsageError(_one_line(exc)) from exc
+
+    def __call__(self, image):
+        img = self.transform(image)
+        mask = np.asarray(self.masked_position_generator(), dtype=bool).reshape(-1)
+        return img, torch.from_numpy(mask)
+
+    def __repr__(self):
+        return (
+            f"{type(self).__name__}(\n"
+            f"  transform = {self.transform!r},\n"
+            f"  masked_position_generator = {self.masked_position_generator!r}\n"
+            f")"
+        )
+
+
+def pil_rgb_loader(path):
+    # convert() forces the full decode here, so truncation surfaces inside the
+    # caller's try block rather than later inside the transform.
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+def _one_line(exc):
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+class PretrainingImageFolder(tv_datasets.ImageFolder):
+    """ImageFolder whose items are ``transform(img)`` and that skips unreadable files.
+
+    ``num_skipped`` counts the distinct unreadable files found by *this* process.
+    DataLoader workers hold copies of the dataset, so their discoveries do not
+    reach the main process's counter; the per-file warnings they print are what
+    the user sees.  Non-persistent workers start from the main process's state
+    each epoch, so a bad file is reported again once per epoch.
+    """
+
+    def __init__(self, root, transform=None):
+        # allow_empty: pretraining ignores labels, so an empty class folder is harmless;
+        # the caller checks that there is at least one image overall.
+        super().__init__(root, transform=transform, loader=pil_rgb_loader, allow_empty=True)
+        self.num_skipped = 0
+        self._bad_indices = set()
+
+    def _record_bad(self, index, path, exc):
+        self._bad_indices.add(index)
+        self.num_skipped += 1
+        warnings.warn(
+            f"skipping unreadable image {path} ({type(exc).__name__}: {_one_line(exc)}); "
+            f"using the next image in its place",
+            CorruptImageWarning,
+            stacklevel=2,
+        )
+
+    def __getitem__(self, index):
+        n = len(self.samples)
+        attempts = min(MAX_CONSECUTIVE_BAD_IMAGES, n)
+        last_error = ""
+        for step in range(attempts):
+            i = (int(index) + step) % n
+            path = self.samples[i][0]
+            if i in self._bad_indices:
+                continue
+            try:
+                img = self.loader(path)
+            except _DECODE_ERRORS as exc:
+                self._record_bad(i, path, exc)
+                last_error = f"{path}: {_one_line(exc)}"
+                continue
+            return self.transform(img) if self.transform is not None else img
+        first = self.samples[int(index) % n][0]
+        raise UsageError(
+            f"{attempts} consecutive images starting at {first} could not be decoded "
+            f"(last: {last_error or 'already reported'}); the folder {self.root} does not look like "
+            f"a readable image dataset, check --data_path and the files"
+        )
+
+
+class LabelDroppedDataset(Dataset):
+    """Yields only the transformed image of a labelled dataset; labels stay in ``targets``."""
+
+    def __init__(self, base):
+        self.base = base
+        self.transform = base.transform
+        self.targets = list(base.targets)
+        self.classes = list(getattr(base, "classes", []))
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        return self.base[index][0]
+
+
+def _skimage_data_dir():
+    # find_spec locates the package without importing it (skimage's import is slow
+    # and its data helpers may try to download files).
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(
+            "--data_set demo needs the photos bundled with scikit-image, which is not installed; "
+            "run: pip install scikit-image"
+        )
+    for location in spec.submodule_search_locations:
+        candidate = os.path.join(location, "data")
+        if os.path.isdir(candidate):
+            return candidate
+    raise UsageError(
+        "--data_set demo found scikit-image but not its data folder (skimage/data); "
+        "reinstall it with: pip install --force-reinstall scikit-image"
+    )
+
+
+def load_demo_photos(max_short_side=DEMO_MAX_SHORT_SIDE):
+    """Return ``(names, images)``: the bundled photographs as RGB PIL images."""
+    data_dir = _skimage_data_dir()
+    names, images = [], []
+    for filename in DEMO_PHOTOS:
+        path = os.path.join(data_dir, filename)
+        if not os.path.isfile(path):
+            # the bundled subset differs a little between scikit-image releases
+            continue
+        img = pil_rgb_loader(path)
+        short = min(img.size)
+        if short > max_short_side:
+            scale = max_short_side / short
+            new_size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+            img = img.resize(new_size, Image.BICUBIC)
+        names.append(os.path.splitext(filename)[0])
+        images.append(img)
+    if not images:
+        raise UsageError(
+            f"--data_set demo found none of its photos in {data_dir}; "
+            f"install a scikit-image release that bundles them (pip install 'scikit-image>=0.22')"
+        )
+    return names, images
+
+
+class DemoImages(Dataset):
+    """``size`` items cycling over the bundled photos; each item is a new random crop."""
+
+    def __init__(self, transform=None, size=2048):
+        if size < 1:
+            raise UsageError(f"--demo_size {size} must be at least 1; pass a positive number of items")
+        self.transform = transform
+        self.size = int(size)
+        self.classes, self.photos = load_demo_photos()
+        # the photo index doubles as a label so kNN evaluation can use the demo set
+        self.targets = [i % len(self.photos) for i in range(self.size)]
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        img = self.photos[int(index) % len(self.photos)]
+        return self.transform(img) if self.transform is not None else img
+
+
+def _check_data_path(data_path):
+    if not data_path or not os.path.exists(data_path):
+        raise UsageError(
+            f"--data_path {data_path} does not exist; point it at an ImageNet-style folder "
+            f"(class subfolders of images) or use --data_set demo"
+        )
+    if not os.path.isdir(data_path):
+        raise UsageError(
+            f"--data_path {data_path} is a file, not a folder; point it at an ImageNet-style folder "
+            f"(class subfolders of images) or use --data_set demo"
+        )
+
+
+def _no_images_error(data_path, root):
+    where = f"--data_path {data_path}" if root == data_path else f"--data_path {data_path} (its train/ folder)"
+    return UsageError(
+        f"{where} contains no images in class subfolders (expected {root}/<class>/<image>.JPEG, "
+        f"as in ImageNet's train/); point --data_path at such a folder or use --data_set demo"
+    )
+
+
+def _build_image_folder(data_path, transform):
+    _check_data_path(data_path)
+    train_dir = os.path.join(data_path, "train")
+    root = train_dir if os.path.isdir(train_dir) else data_path
+    try:
+        dataset = PretrainingImageFolder(root, transform=transform)
+    except FileNotFoundError as exc:
+        # torchvision raises this when there is no class folder at all
+        raise _no_images_error(data_path, root) from exc
+    if len(dataset) == 0:
+        raise _no_images_error(data_path, root)
+    return dataset
+
+
+_CIFAR = {
+    "cifar10": (tv_datasets.CIFAR10, "cifar-10-batches-py"),
+    "cifar100": (tv_datasets.CIFAR100, "cifar-100-python"),
+}
+
+
+def _build_cifar(name, data_path, transform):
+    cls, folder = _CIFAR[name]
+    expected = os.path.join(data_path or ".", folder)
+    fix = (
+        f"downloads are never automatic: run torchvision.datasets.{cls.__name__}(root, download=True) "
+        f"once on a machine with internet access and copy {folder}/ into --data_path"
+    )
+    if not data_path or not os.path.isdir(expected):
+        raise UsageError(f"--data_set {name} expects the folder {expected} (--data_path {data_path}); {fix}")
+    try:
+        base = cls(root=data_path, train=True, download=False, transform=transform)
+    except RuntimeError as exc:
+        # torchvision md5-checks every batch file and raises RuntimeError on a mismatch
+        raise UsageError(
+            f"--data_set {name}: files in {expected} are missing or fail torchvision's md5 integrity check "
+            f"({_one_line(exc)}); {fix}"
+        ) from exc
+    return LabelDroppedDataset(base)
+
+
+def build_pretraining_dataset(args):
+    """Dataset of ``(img, mask)`` items for ``args.data_set`` (see the module docstring)."""
+    data_set = getattr(args, "data_set", "image_folder") or "image_folder"
+    if data_set not in DATA_SETS:
+        raise UsageError(f"--data_set {data_set} is not supported; choose one of {', '.join(DATA_SETS)}")
+    transform = DataAugmentationForBootMAE(args)
+    data_path = getattr(args, "data_path", None)
+    if data_set == "image_folder":
+        return _build_image_folder(data_path, transform)
+    if data_set in _CIFAR:
+        return _build_cifar(data_set, data_path, transform)
+    return DemoImages(transform, size=getattr(args, "demo_size", 2048))

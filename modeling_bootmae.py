@@ -1,0 +1,521 @@
+"""BootMAE models: the shared ViT building blocks and the pretraining model.
+
+The encoder blocks defined here (``Attention``, ``CrossAttention``, ``Block``, ``DecoderBlock``,
+``VisionTransformer``) are the only definition in the repository; fine-tuning, linear probing and the
+downstream backbones import them.
+
+Pretraining model (``BootMAE``), for images [B, 3, H, W] and a mask [B, N] (True = masked):
+  encoder           ViT on the cls token + visible patches, fixed 2-D sin-cos position embedding
+  pixel decoder     regressor: Linear D->512, mask tokens, 2 blocks with cross-attention to the output of
+                    an early encoder block (context injection), per-patch pixel head
+  feature decoder   predictor: the same at width D, cross-attention to a late encoder block, Linear head
+  momentum encoder  an EMA copy of the whole model; ``target_features`` gives its last-block tokens
+
+State-dict names are our own; ``from_release`` / ``to_release_state_dict`` convert from and to the key
+names of the authors' release, whose checkpoints this code reads and writes.
+"""
+import math
+import re
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
+from timm.models import register_model
+
+LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+
+def sincos_pos_embed_2d(dim, grid_h, grid_w, cls_token=True):
+    """Fixed 2-D sin-cos position embedding, [1, (1 +) grid_h * grid_w, dim], float32.
+
+    Hand-written because checkpoints and results depend on the exact layout (MoCo v3's, used by the
+    release): per patch, concat[sin(r*w_k), cos(r*w_k), sin(c*w_k), cos(c*w_k)] with w_k = 1 / 10000^(k/(dim/4)),
+    r the patch row and c its column in row-major patch order; the cls row is zeros. For square grids this
+    is exactly the release's table; non-square grids follow the same row/column rule.
+    """
+    if dim % 4 != 0:
+        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / (10000.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float32),
+                                torch.arange(grid_w, dtype=torch.float32), indexing="ij")
+    out_r = rows.flatten()[:, None] * omega[None]
+    out_c = cols.flatten()[:, None] * omega[None]
+    emb = torch.cat([out_r.sin(), out_r.cos(), out_c.sin(), out_c.cos()], dim=1)
+    if cls_token:
+        emb = torch.cat([torch.zeros(1, dim), emb], dim=0)
+    return emb[None]
+
+
+def _qv_bias(q_bias, v_bias):
+    # BEiT's layout: learnable q and v biases, the k bias fixed at zero.
+    return torch.cat((q_bias, torch.zeros_like(v_bias), v_bias))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through ``F.scaled_dot_product_attention``.
+
+    One bias-free qkv Linear plus learnable q- and v-biases (BEiT). The inner width is
+    num_heads * (dim // num_heads): it differs from dim when the heads do not divide it (the release's
+    512-wide pixel decoder with 12 heads has an inner width of 504), and checkpoints depend on that.
+    """
+
+    def __init__(self, dim, num_heads=8, qkv_bias=True, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        inner = self.head_dim * num_heads
+        self.qkv = nn.Linear(dim, inner * 3, bias=False)
+        if qkv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(inner))
+            self.v_bias = nn.Parameter(torch.zeros(inner))
+        else:
+            self.q_bias = self.v_bias = None
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(inner, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x):
+        """x: [B, N, dim] -> [B, N, dim]"""
+        B, N, _ = x.shape
+        bias = None if self.q_bias is None else _qv_bias(self.q_bias, self.v_bias)
+        qkv = F.linear(x, self.qkv.weight, bias).reshape(B, N, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
+
+
+class CrossAttention(nn.Module):
+    """Queries from the decoder tokens, keys and values from encoder context (BootMAE's context injection).
+
+    q: Linear(dim -> inner) without bias + q-bias; kv: Linear(context_dim -> 2 * inner) without bias + v-bias
+    (no k-bias); output projection inner -> dim. Inner width as in ``Attention``.
+    """
+
+    def __init__(self, dim, context_dim, num_heads=8, qkv_bias=True, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        inner = self.head_dim * num_heads
+        self.q = nn.Linear(dim, inner, bias=False)
+        self.kv = nn.Linear(context_dim, inner * 2, bias=False)
+        if qkv_bias:
+            self.q_bias = nn.Parameter(torch.zeros(inner))
+            self.v_bias = nn.Parameter(torch.zeros(inner))
+        else:
+            self.q_bias = self.v_bias = None
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(inner, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x, context):
+        """x: [B, N, dim], context: [B, M, context_dim] -> [B, N, dim]"""
+        B, N, _ = x.shape
+        M = context.shape[1]
+        q = F.linear(x, self.q.weight, self.q_bias)
+        kv_bias = None if self.v_bias is None else torch.cat((torch.zeros_like(self.v_bias), self.v_bias))
+        kv = F.linear(context, self.kv.weight, kv_bias).reshape(B, M, 2, self.num_heads, self.head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        q = q.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x += Attn(LN(x)); x += MLP(LN(x)). No layer-scale (as in the release)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop=0.0, attn_drop=0.0,
+                 drop_path=0.0, norm_layer=LayerNorm):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+
+    def forward(self, x):
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class DecoderBlock(Block):
+    """Block with cross-attention to encoder context between self-attention and the MLP:
+    x += SelfAttn(LN1(x)); x += CrossAttn(LN3(x), LN4(context)); x += MLP(LN2(x)).
+    With ``context_dim=None`` it is a plain ``Block`` (context injection off)."""
+
+    def __init__(self, dim, num_heads, context_dim=None, mlp_ratio=4.0, qkv_bias=True, drop=0.0,
+                 attn_drop=0.0, drop_path=0.0, norm_layer=LayerNorm):
+        super().__init__(dim, num_heads, mlp_ratio, qkv_bias, drop, attn_drop, drop_path, norm_layer)
+        if context_dim is None:
+            self.c_attn = None
+        else:
+            self.norm3 = norm_layer(dim)
+            self.norm4 = norm_layer(context_dim)
+            self.c_attn = CrossAttention(dim, context_dim, num_heads, qkv_bias=qkv_bias,
+                                         attn_drop=attn_drop, proj_drop=drop)
+
+    def forward(self, x, context=None):
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        if self.c_attn is not None:
+            x = x + self.drop_path(self.c_attn(self.norm3(x), self.norm4(context)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def init_weights(module):
+    """The release's initialisation: xavier-uniform Linear weights (the fused qkv weight with the bound of
+    one of its three parts), zero biases, LayerNorm 1/0."""
+    for name, m in module.named_modules():
+        if isinstance(m, nn.Linear):
+            if name.endswith("attn.qkv"):
+                bound = math.sqrt(6.0 / float(m.weight.shape[0] // 3 + m.weight.shape[1]))
+                nn.init.uniform_(m.weight, -bound, bound)
+            else:
+                nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class VisionTransformer(nn.Module):
+    """The ViT encoder shared by pretraining, fine-tuning, linear probing and the downstream backbones.
+
+    Fixed sin-cos position embedding (recomputed for any grid), cls token, q/v-bias attention, final norm.
+    Any input whose sides are multiples of the patch size is accepted.
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
+                 mlp_ratio=4.0, qkv_bias=True, drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0,
+                 norm_layer=LayerNorm):
+        super().__init__()
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        grid = self.patch_embed.grid_size
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(embed_dim, *grid), persistent=False)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList([
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dpr[i], norm_layer)
+            for i in range(depth)])
+        self.norm = norm_layer(embed_dim)
+
+    def _init_encoder(self):
+        init_weights(self)
+        # the patch embedding is initialised as the (3*P*P -> D) linear map it is
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        nn.init.normal_(self.cls_token, std=1e-6)
+
+    def grid_size(self, images):
+        H, W = images.shape[-2:]
+        if H % self.patch_size or W % self.patch_size:
+            raise ValueError(f"input size {H}x{W} is not divisible by the patch size {self.patch_size}")
+        return H // self.patch_size, W // self.patch_size
+
+    def get_pos_embed(self, grid, pos_embed=None, dim=None):
+        """The [1, 1 + h*w, dim] table for a grid: the stored one if the grid matches, else recomputed."""
+        pos_embed = self.pos_embed if pos_embed is None else pos_embed
+        if pos_embed.shape[1] == 1 + grid[0] * grid[1] and grid == tuple(self.patch_embed.grid_size):
+            return pos_embed
+        return sincos_pos_embed_2d(dim or pos_embed.shape[-1], *grid).to(pos_embed)
+
+    def embed(self, images):
+        """images: [B, 3, H, W] -> patch tokens with position embedding [B, N, D], and the table [1, 1+N, D]"""
+        pos = self.get_pos_embed(self.grid_size(images))
+        return self.patch_embed(images) + pos[:, 1:], pos
+
+    def with_cls(self, x, pos):
+        return torch.cat([(self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1), x], dim=1)
+
+    def forward_features(self, images, return_blocks=()):
+        """Full image -> final tokens [B, 1+N, D] after the last norm; with ``return_blocks``, also a dict
+        {block index: output of that block, before any norm}."""
+        x, pos = self.embed(images)
+        x = self.with_cls(x, pos)
+        feats = {}
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i in return_blocks:
+                feats[i] = x
+        x = self.norm(x)
+        return (x, feats) if return_blocks else x
+
+
+class PixelHead(nn.Module):
+    """Per-patch linear map width -> P*P*3, output in MAE's (p, q, channel) order.
+
+    Kept with the release's ConvTranspose2d(width, 3, kernel=P, stride=P) parameters (weight
+    [width, 3, P, P], one bias per channel) so its checkpoints, parameter count and initialisation carry
+    over; applied as the per-patch linear map it is, which needs no token-grid reshape.
+    """
+
+    def __init__(self, width, patch_size, out_chans=3):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.ConvTranspose2d(width, out_chans, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        """x: [B, N, width] -> [B, N, P*P*3]"""
+        w = self.proj.weight  # [width, C, P, P]
+        weight = w.permute(2, 3, 1, 0).reshape(-1, w.shape[0])
+        bias = self.proj.bias.repeat(self.patch_size * self.patch_size)
+        return F.linear(x, weight, bias)
+
+
+class Decoder(nn.Module):
+    """A BootMAE decoder (pixel regressor or feature predictor).
+
+    Linear embedding of the encoder output, one learnable mask token for every masked patch (plus the
+    fixed position embedding; visible tokens carry the encoder's), tokens restored to patch order with the
+    cls token first, ``depth`` decoder blocks with cross-attention to ``context``, final norm, and ``head``
+    applied to the patch tokens.
+    """
+
+    def __init__(self, in_dim, width, depth, num_heads, head, context_dim=None, mlp_ratio=4.0,
+                 qkv_bias=True, norm_layer=LayerNorm):
+        super().__init__()
+        self.embed = nn.Linear(in_dim, width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.blocks = nn.ModuleList([
+            DecoderBlock(width, num_heads, context_dim, mlp_ratio, qkv_bias, norm_layer=norm_layer)
+            for _ in range(depth)])
+        self.norm = norm_layer(width)
+        self.head = head
+
+    def forward(self, latent, ids_restore, ids_masked, pos, context=None):
+        """latent: [B, 1+Nv, D] encoder output (cls first); ids_restore: [B, N] position of each patch in
+        [visible..., masked...]; ids_masked: [B, Nm] masked patch indices; pos: [1, 1+N, width];
+        context: [B, 1+Nv, Dc] -> head output for all N patches [B, N, *]"""
+        x = self.embed(latent)
+        B, _, W = x.shape
+        pos_masked = torch.gather(pos[:, 1:].expand(B, -1, -1), 1, ids_masked[..., None].expand(-1, -1, W))
+        patches = torch.cat([x[:, 1:], self.mask_token.to(x.dtype) + pos_masked.to(x.dtype)], dim=1)
+        patches = torch.gather(patches, 1, ids_restore[..., None].expand(-1, -1, W))
+        x = torch.cat([x[:, :1], patches], dim=1)
+        for blk in self.blocks:
+            x = blk(x, context)
+        return self.head(self.norm(x)[:, 1:])
+
+
+class BootMAE(VisionTransformer):
+    """BootMAE pretraining model (encoder + pixel regressor + feature predictor).
+
+    ``context_blocks`` = (block feeding the pixel regressor, block feeding the feature predictor); the
+    release (and paper Table 8's best) is the first and the last block.
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
+                 mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0, decoder_dim=512, decoder_depth=2,
+                 decoder_num_heads=None, context_blocks=(0, -1), norm_layer=LayerNorm):
+        super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, qkv_bias,
+                         drop_path_rate=drop_path_rate, norm_layer=norm_layer)
+        heads = decoder_num_heads or num_heads
+        self.context_blocks = tuple(b % depth for b in context_blocks)
+        if any(not -depth <= b < depth for b in context_blocks):
+            raise ValueError(f"context blocks {tuple(context_blocks)} are outside the encoder's {depth} blocks")
+        self.decoder_dim = decoder_dim
+        self.pixel_decoder = Decoder(embed_dim, decoder_dim, decoder_depth, heads,
+                                     PixelHead(decoder_dim, patch_size, in_chans), context_dim=embed_dim,
+                                     mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, norm_layer=norm_layer)
+        self.feature_decoder = Decoder(embed_dim, embed_dim, decoder_depth, heads,
+                                       nn.Linear(embed_dim, embed_dim), context_dim=embed_dim,
+                                       mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, norm_layer=norm_layer)
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(decoder_dim, *self.patch_embed.grid_size),
+                             persistent=False)
+        self._init_encoder()  # covers the decoders' Linear and LayerNorm layers too
+        trunc_normal_(self.pixel_decoder.mask_token, std=0.02)
+        trunc_normal_(self.feature_decoder.mask_token, std=0.02)
+
+    def forward_encoder(self, images, ids_keep):
+        """Encoder on the visible patches: images [B, 3, H, W], ids_keep [B, Nv] ->
+        (normed tokens [B, 1+Nv, D], {block: its output [B, 1+Nv, D]} for the context blocks)"""
+        x, pos = self.embed(images)
+        x = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))
+        x = self.with_cls(x, pos)
+        feats = {}
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i in self.context_blocks:
+                feats[i] = x
+        return self.norm(x), feats
+
+    def forward(self, images, mask):
+        """images: [B, 3, H, W]; mask: [B, N] bool, True = masked, the same count in every row.
+        Returns (pixel_pred [B, N, P*P*3] in (p, q, channel) order, feature_pred [B, N, D])."""
+        grid = self.grid_size(images)
+        num_masked = int(mask[0].sum())
+        # stable sort: visible patches first, each group in patch order
+        ids_shuffle = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        num_visible = mask.shape[1] - num_masked
+        ids_keep, ids_masked = ids_shuffle[:, :num_visible], ids_shuffle[:, num_visible:]
+        latent, feats = self.forward_encoder(images, ids_keep)
+        shallow, deep = (feats[b] for b in self.context_blocks)
+        dec_pos = self.get_pos_embed(grid, self.decoder_pos_embed, self.decoder_dim)
+        pixel_pred = self.pixel_decoder(latent, ids_restore, ids_masked, dec_pos, shallow)
+        feature_pred = self.feature_decoder(latent, ids_restore, ids_masked, self.get_pos_embed(grid), deep)
+        return pixel_pred, feature_pred
+
+    @torch.no_grad()
+    def target_features(self, images):
+        """Momentum-encoder targets (call on the EMA copy): full images [B, 3, H, W] -> the patch tokens of
+        the last block, before the final norm, [B, N, D]."""
+        x, pos = self.embed(images)
+        x = self.with_cls(x, pos)
+        for blk in self.blocks:
+            x = blk(x)
+        return x[:, 1:]
+
+    def no_weight_decay(self):
+        return {"cls_token"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# registered models
+
+MODEL_SIZES = {
+    "tiny": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    "small": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "base": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "large": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+    "huge": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
+}
+
+
+def _create(size, pretrained=False, **kwargs):
+    if pretrained:
+        raise ValueError("no pretrained weights are downloaded; load a checkpoint with --resume or from_release")
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)
+    return BootMAE(**{**MODEL_SIZES[size], **kwargs})
+
+
+@register_model
+def bootmae_tiny(pretrained=False, **kwargs):
+    return _create("tiny", pretrained, **kwargs)
+
+
+@register_model
+def bootmae_small(pretrained=False, **kwargs):
+    return _create("small", pretrained, **kwargs)
+
+
+@register_model
+def bootmae_base(pretrained=False, **kwargs):
+    return _create("base", pretrained, **kwargs)
+
+
+@register_model
+def bootmae_large(pretrained=False, **kwargs):
+    return _create("large", pretrained, **kwargs)
+
+
+@register_model
+def bootmae_huge(pretrained=False, **kwargs):
+    return _create("huge", pretrained, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the release's checkpoints
+
+# (release prefix, our prefix); the release's block internals already use our names
+_RELEASE_PREFIXES = [
+    ("mask_token_1", "feature_decoder.mask_token"),
+    ("down_1.", "feature_decoder.embed."),
+    ("decode_blocks_1.", "feature_decoder.blocks."),
+    ("decode_norm_1.", "feature_decoder.norm."),
+    ("lm_head_1.", "feature_decoder.head."),
+    ("mask_token", "pixel_decoder.mask_token"),
+    ("down.", "pixel_decoder.embed."),
+    ("decode_blocks.", "pixel_decoder.blocks."),
+    ("decode_norm.", "pixel_decoder.norm."),
+    ("lm_head.", "pixel_decoder.head."),
+]
+# fixed tables the release stores as frozen parameters; here they are recomputed buffers
+_RELEASE_FIXED = ("pos_embed", "de_pos_embed")
+
+
+def is_release_state_dict(state_dict):
+    return any(k.startswith(("decode_blocks.", "down.", "lm_head.")) or k == "mask_token_1" for k in state_dict)
+
+
+def from_release_state_dict(state_dict):
+    """Release key names -> ours (the fixed position tables are dropped)."""
+    out = {}
+    for key, value in state_dict.items():
+        if key in _RELEASE_FIXED:
+            continue
+        for old, new in _RELEASE_PREFIXES:
+            if key == old or key.startswith(old) and old.endswith("."):
+                key = new + key[len(old):]
+                break
+        out[key] = value
+    return out
+
+
+def to_release_state_dict(model_or_state_dict, model=None):
+    """Our state dict (or model) -> the release's key names, position tables included, so the release's
+    code loads it with its own ``load_state_dict``."""
+    if isinstance(model_or_state_dict, nn.Module):
+        model = model_or_state_dict
+        state_dict = model.state_dict()
+    else:
+        state_dict = model_or_state_dict
+    out = {}
+    for key, value in state_dict.items():
+        for old, new in _RELEASE_PREFIXES:
+            if key.startswith(new):
+                key = old + key[len(new):]
+                break
+        out[key] = value
+    if model is not None:
+        out["pos_embed"] = model.pos_embed.detach().clone()
+        out["de_pos_embed"] = model.decoder_pos_embed.detach().clone()
+    return out
+
+
+def release_config(model):
+    """The release's constructor arguments for one of our models (inverse of ``from_release``'s config)."""
+    return dict(img_size=model.patch_embed.img_size[0], patch_size=model.patch_size, embed_dim=model.embed_dim,
+                depth=len(model.blocks), num_heads=model.num_heads,
+                mlp_ratio=model.blocks[0].mlp.fc1.out_features / model.embed_dim,
+                qkv_bias=model.blocks[0].attn.q_bias is not None, decode_dim=model.decoder_dim,
+                fea_list=list(model.context_blocks), decoder_depth=len(model.pixel_decoder.blocks),
+                ln_eps=model.norm.eps)
+
+
+def from_release(config, state_dict):
+    """Build a ``BootMAE`` for a release-style config dict and load a state dict in the release's key
+    names (strict: every tensor must be used and every parameter filled)."""
+    model = BootMAE(
+        img_size=config["img_size"], patch_size=config["patch_size"], embed_dim=config["embed_dim"],
+        depth=config["depth"], num_heads=config["num_heads"], mlp_ratio=config.get("mlp_ratio", 4.0),
+        qkv_bias=config.get("qkv_bias", True), decoder_dim=config.get("decode_dim", 512),
+        decoder_depth=config.get("decoder_depth", 2), context_blocks=tuple(config.get("fea_list", (0, -1))),
+        norm_layer=partial(nn.LayerNorm, eps=config.get("ln_eps", 1e-6)))
+    model.load_state_dict(from_release_state_dict(state_dict))
+    return model
+
+
+def count_trainable(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
+
+
+def encoder_layer_id(name, num_layers):
+    """Layer index for layer-wise lr decay (BEiT's rule): 0 for the patch embedding, cls token and position
+    embedding, b + 1 for encoder block b, num_layers + 1 for everything after the blocks."""
+    if name.startswith(("cls_token", "pos_embed", "patch_embed")):
+        return 0
+    match = _BLOCK_RE.match(name)
+    if match:
+        return int(match.group(1)) + 1
+    return num_layers + 1

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Creates .venv inside the repository and installs the tested versions.
+# Usage: bash setup.sh            (PYTHON=python3.11 bash setup.sh to choose the interpreter)
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
+    echo "setup.sh: $PYTHON is $("$PYTHON" --version 2>&1); Python 3.10 or newer is needed (set PYTHON=...)" >&2
+    exit 1
+fi
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+# the tested versions first, then the rest of the ranges in requirements.txt
+.venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+.venv/bin/python -m pip install -q -r requirements.txt
+.venv/bin/python - <<'PY'
+import torch, torchvision, timm
+print(f"setup.sh: ready (.venv: torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__})")
+PY

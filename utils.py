@@ -1,0 +1,248 @@
+"""Distributed helpers, checkpoint I/O, step logging, schedules and the loss scaler shared by the entry points."""
+import argparse
+import datetime
+import glob
+import json
+import os
+import random
+import re
+import socket
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+class UsageError(Exception):
+    """Bad input from the user: the entry points print the message as one line and exit with status 2."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# distributed
+
+def is_dist():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist() else 1
+
+
+def get_rank():
+    return dist.get_rank() if is_dist() else 0
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def print0(*args, **kwargs):
+    if is_main_process():
+        print(*args, **kwargs, flush=True)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed_mode(args):
+    """Reads the launcher's environment in one place and sets args.distributed, rank, world_size, gpu.
+
+    torchrun and ``python -m torch.distributed.launch`` set RANK / WORLD_SIZE / LOCAL_RANK (the latter
+    also passes ``--local-rank``, which the parser accepts and ignores in favour of the environment);
+    ``srun`` sets SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, with MASTER_ADDR / MASTER_PORT exported by
+    the sbatch script. NCCL on CUDA, gloo on CPU.
+    """
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        args.rank, args.world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+        args.gpu = int(env.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        args.rank, args.world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        args.gpu = int(env.get("SLURM_LOCALID", 0))
+        if "MASTER_ADDR" not in env:
+            raise UsageError("srun launch without MASTER_ADDR: export MASTER_ADDR (the first node's host name) "
+                             "and MASTER_PORT in the sbatch script, as scripts/pretrain/*.sbatch do")
+        env.setdefault("MASTER_PORT", "29500")
+        env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(args.rank), str(args.world_size), str(args.gpu)
+    else:
+        args.rank, args.world_size, args.gpu, args.distributed = 0, 1, 0, False
+        return
+    args.distributed = True
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(args.gpu)
+        args.device = f"cuda:{args.gpu}"
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, init_method="env://", world_size=args.world_size, rank=args.rank,
+                            timeout=datetime.timedelta(minutes=getattr(args, "dist_timeout", 30)))
+    dist.barrier()
+    print0(f"distributed: {args.world_size} processes, backend {backend}")
+
+
+def all_reduce_mean(tensor):
+    if is_dist():
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        tensor /= get_world_size()
+    return tensor
+
+
+def seed_everything(seed):
+    """Seeds python, numpy and torch; the training loop calls it at the start of every epoch with a seed
+    derived from (seed, rank, epoch), so a resumed run draws the same data order, masks and drop-path
+    noise as an uninterrupted one."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# schedules
+
+def cosine_scheduler(base_value, final_value, epochs, steps_per_epoch, warmup_epochs=0, start_warmup_value=0.0):
+    """Per-step values: linear warm-up from ``start_warmup_value`` over ``warmup_epochs``, then a half
+    cosine from ``base_value`` to ``final_value``. Indexed by the global optimisation step."""
+    warmup = int(warmup_epochs * steps_per_epoch)
+    total = int(epochs * steps_per_epoch)
+    warm = np.linspace(start_warmup_value, base_value, warmup, endpoint=False) if warmup > 0 else np.array([])
+    steps = np.arange(total - warmup)
+    cos = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * steps / max(len(steps), 1)))
+    return np.concatenate([warm, cos])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# mixed precision
+
+class LossScaler:
+    """Backward, optional gradient clipping and the optimizer step, with a GradScaler only for fp16.
+
+    Returns the gradient norm as a tensor (no host sync); None when the step is skipped for accumulation.
+    """
+    state_dict_key = "scaler"
+
+    def __init__(self, device_type, fp16):
+        self.fp16 = fp16
+        self.scaler = torch.amp.GradScaler(device_type, enabled=fp16)
+
+    def __call__(self, loss, optimizer, parameters, clip_grad=None, update_grad=True, sync=True, model=None):
+        parameters = [p for p in parameters if p.requires_grad]
+        if sync or model is None:
+            self.scaler.scale(loss).backward()
+        else:
+            with model.no_sync():  # accumulate locally, all-reduce only on the update step
+                self.scaler.scale(loss).backward()
+        if not update_grad:
+            return None
+        self.scaler.unscale_(optimizer)
+        if clip_grad:
+            norm = torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
+        else:
+            grads = [p.grad for p in parameters if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        return norm
+
+    def state_dict(self):
+        return self.scaler.state_dict()
+
+    def load_state_dict(self, state_dict):
+        if self.fp16 and state_dict:
+            self.scaler.load_state_dict(state_dict)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# logging
+
+def format_seconds(seconds):
+    return str(datetime.timedelta(seconds=int(seconds)))
+
+
+class StepLogger:
+    """Sums metrics on the device every step; ``flush`` does the only host sync (one all-reduce + one
+    copy) and returns the means since the last flush, averaged over ranks."""
+
+    def __init__(self, device, names, log_writer=None):
+        self.names = list(names)
+        self.device = device
+        self.log_writer = log_writer
+        self.window = torch.zeros(len(names) * 2, device=device)
+        self.total = torch.zeros(len(names) * 2, device=device)
+
+    def add(self, **values):
+        for i, name in enumerate(self.names):
+            v = values.get(name)
+            if v is not None:
+                self.window[i] += v.float()
+                self.window[len(self.names) + i] += 1
+
+    def _means(self, buf):
+        buf = all_reduce_mean(buf).tolist()
+        n = len(self.names)
+        return {name: buf[i] / buf[n + i] if buf[n + i] else float("nan") for i, name in enumerate(self.names)}
+
+    def flush(self, step):
+        means = self._means(self.window)
+        self.total += self.window
+        self.window.zero_()
+        if self.log_writer is not None:
+            for name, v in means.items():
+                self.log_writer.add_scalar(f"train/{name}", v, step)
+        return means
+
+    def epoch_means(self):
+        self.total += self.window
+        self.window.zero_()
+        return self._means(self.total)
+
+
+def append_log(output_dir, record):
+    if is_main_process() and output_dir:
+        with open(os.path.join(output_dir, "log.txt"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checkpoints
+
+def save_on_master(obj, path):
+    """Rank 0 writes to a temporary file beside ``path`` and renames it into place, so a crash never
+    leaves a truncated checkpoint under the real name."""
+    if not is_main_process():
+        return
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """``torch.load`` with ``weights_only=True``: tensors, containers and plain values only, plus
+    ``argparse.Namespace``, the one extra type release checkpoints carry (their ``args``)."""
+    if not os.path.isfile(path):
+        raise UsageError(f"checkpoint {path} does not exist; check the path given to --resume/--finetune")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"cannot read checkpoint {path} ({first}); it is corrupt, truncated or not a "
+                         f"PyTorch checkpoint with plain tensors") from e
+
+
+def find_last_checkpoint(output_dir):
+    """The newest checkpoint in ``output_dir``: checkpoint-last.pth if present, else the highest
+    checkpoint-N.pth; None if there is none."""
+    if not output_dir:
+        return None
+    last = os.path.join(output_dir, "checkpoint-last.pth")
+    if os.path.isfile(last):
+        return last
+    numbered = []
+    for path in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")):
+        m = re.fullmatch(r"checkpoint-(\d+)\.pth", os.path.basename(path))
+        if m:
+            numbered.append((int(m.group(1)), path))
+    return max(numbered)[1] if numbered else None
