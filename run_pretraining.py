@@ -93,6 +93,7 @@ def get_args_parser():
     p.add_argument("--auto_resume", action="store_true", default=True)
     p.add_argument("--no_auto_resume", action="store_false", dest="auto_resume")
     p.add_argument("--start_epoch", default=0, type=int)
+    p.add_argument("--log_all_ranks", action="store_true", help="every rank prints its epoch summary")
     p.add_argument("--local_rank", "--local-rank", default=-1, type=int,
                    help="set by torch.distributed.launch; LOCAL_RANK from the environment is what is used")
     return p
@@ -299,6 +300,9 @@ def main(args):
     steps_per_epoch = len(loader) // args.update_freq
     utils.print0(f"lr {args.lr:.3e} (base {base_lr:.3e} x total batch {total_batch} / 256), "
                  f"{steps_per_epoch} steps per epoch")
+    if args.min_lr > args.lr:
+        utils.print0(f"warning: --min_lr {args.min_lr:.3e} is above the scaled lr {args.lr:.3e}, so the cosine "
+                     f"rises to it (min_lr is absolute, as in the release); lower --min_lr for small batches")
     optimizer = create_optimizer(args, model)
     loss_scaler = utils.LossScaler(device.type, fp16=args.amp == "fp16")
     lr_schedule = utils.cosine_scheduler(args.lr, args.min_lr, args.epochs, steps_per_epoch, args.warmup_epochs,
@@ -325,8 +329,12 @@ def main(args):
         save_checkpoint(args, epoch, model, momentum_encoder, optimizer, loss_scaler)
         record = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
         utils.append_log(args.output_dir, record)
-        utils.print0(f"epoch {epoch} done: loss {stats['loss']:.4f} (pixel {stats['pixel_loss']:.4f}, feature "
-                     f"{stats['feature_loss']:.4f})")
+        summary = (f"epoch {epoch} done: loss {stats['loss']:.4f} (pixel {stats['pixel_loss']:.4f}, feature "
+                   f"{stats['feature_loss']:.4f}) averaged over {world} process(es)")
+        if args.log_all_ranks:
+            print(f"[rank {rank}] {summary}", flush=True)
+        else:
+            utils.print0(summary)
         if log_writer is not None:
             log_writer.flush()
     if utils.is_main_process() and args.output_dir and start_epoch < args.epochs:
