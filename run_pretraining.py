@@ -37,6 +37,8 @@ def get_args_parser():
     p.add_argument("--model", default="bootmae_base", type=str,
                    help="bootmae_tiny | bootmae_small | bootmae_base | bootmae_large | bootmae_huge")
     p.add_argument("--input_size", default=224, type=int, help="image side in pixels")
+    p.add_argument("--patch_size", default=None, type=int,
+                   help="patch side (default: the model's, 16; 14 for huge); e.g. 4 for 32px CIFAR images")
     p.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth of the encoder")
     p.add_argument("--decoder_dim", default=None, type=int, help="pixel regressor width (default 512)")
     p.add_argument("--decoder_depth", default=None, type=int, help="blocks per decoder (default 2)")
@@ -109,7 +111,7 @@ def check_args(args):
     if args.model != "bootmae_" + args.model.replace("bootmae_", ""):
         raise utils.UsageError(f"unknown --model {args.model}; choose one of "
                                + ", ".join(f"bootmae_{k}" for k in modeling_bootmae.MODEL_SIZES))
-    patch = model_cfg["patch_size"]
+    patch = args.patch_size or model_cfg["patch_size"]
     if args.input_size % patch:
         raise utils.UsageError(f"--input_size {args.input_size} is not divisible by the patch size {patch} of "
                                f"{args.model}; use a multiple of {patch}")
@@ -281,7 +283,7 @@ def main(args):
                  f"transform {dataset.transform!r}" if hasattr(dataset, "transform") else f"data: {len(dataset)} images")
 
     # model
-    model = create_model(args.model, img_size=args.input_size, drop_path_rate=args.drop_path,
+    model = create_model(args.model, img_size=args.input_size, patch_size=args.patch_size, drop_path_rate=args.drop_path,
                          decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth)
     model.default_cfg_name = args.model
     model.to(device)

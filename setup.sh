@@ -11,10 +11,15 @@ fi
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip
+pip_install() {
+    # some mirrors' pip configuration warns about every index location it skips; keep the real messages
+    .venv/bin/python -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+echo "setup.sh: installing into .venv (torch 2.14.1, torchvision 0.29.1, then requirements.txt)"
+pip_install --upgrade pip
 # the tested versions first, then the rest of the ranges in requirements.txt
-.venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/python -m pip install -q -r requirements.txt
+pip_install "torch==2.14.1" "torchvision==0.29.1"
+pip_install -r requirements.txt
 .venv/bin/python - <<'PY'
 import torch, torchvision, timm
 print(f"setup.sh: ready (.venv: torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__})")
