@@ -92,6 +92,13 @@ class CorruptImageWarning(UserWarning):
     """An image file could not be decoded and was replaced by the next one."""
 
 
+def mean_std(args):
+    """The release normalises with 0.5 / 0.5; ``--imagenet_default_mean_and_std`` switches to ImageNet's."""
+    if getattr(args, "imagenet_default_mean_and_std", False):
+        return IMAGENET_MEAN, IMAGENET_STD
+    return BOOTMAE_MEAN, BOOTMAE_STD
+
+
 class DataAugmentationForBootMAE:
     """Random-resized-crop + flip + normalise, plus a freshly drawn patch mask."""
 
@@ -103,11 +110,7 @@ class DataAugmentationForBootMAE:
                 f"--input_size {input_size} is not a multiple of --patch_size {patch_size}; "
                 f"choose sizes such that input_size / patch_size is an integer"
             )
-        if getattr(args, "imagenet_default_mean_and_std", False):
-            mean, std = IMAGENET_MEAN, IMAGENET_STD
-        else:
-            mean, std = BOOTMAE_MEAN, BOOTMAE_STD
-
+        mean, std = mean_std(args)
         self.transform = transforms.Compose([
             transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC),
             transforms.RandomHorizontalFlip(),
@@ -175,7 +178,8 @@ class PretrainingImageFolder(tv_datasets.ImageFolder):
     each epoch, so a bad file is reported again once per epoch.
     """
 
-    def __init__(self, root, transform=None):
+    def __init__(self, root, transform=None, keep_labels=False):
+        self.keep_labels = keep_labels
         # allow_empty: pretraining ignores labels, so an empty class folder is harmless;
         # the caller checks that there is at least one image overall.
         super().__init__(root, transform=transform, loader=pil_rgb_loader, allow_empty=True)
@@ -207,7 +211,8 @@ class PretrainingImageFolder(tv_datasets.ImageFolder):
                 self._record_bad(i, path, exc)
                 last_error = f"{path}: {_one_line(exc)}"
                 continue
-            return self.transform(img) if self.transform is not None else img
+            img = self.transform(img) if self.transform is not None else img
+            return (img, self.samples[i][1]) if self.keep_labels else img
         first = self.samples[int(index) % n][0]
         raise UsageError(
             f"{attempts} consecutive images starting at {first} could not be decoded "
@@ -369,3 +374,97 @@ def build_pretraining_dataset(args):
     if data_set in _CIFAR:
         return _build_cifar(data_set, data_path, transform)
     return DemoImages(transform, size=getattr(args, "demo_size", 2048))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# labelled data sets for fine-tuning, linear probing and kNN evaluation
+
+EVAL_DATA_SETS = ("image_folder", "cifar10", "cifar100", "npz", "demo")
+
+
+class NpzImages(Dataset):
+    """Images and labels from an ``.npz`` file with ``images`` uint8 [n, H, W, 3] and ``labels`` [n]
+    (e.g. a CIFAR subset kept as arrays); items are ``(transform(PIL image), label)``."""
+
+    def __init__(self, path, transform=None):
+        with np.load(path, allow_pickle=False) as data:
+            if "images" not in data or "labels" not in data:
+                raise UsageError(f"{path} needs arrays 'images' [n, H, W, 3] uint8 and 'labels' [n]; it has "
+                                 f"{', '.join(data.files)}")
+            self.images = data["images"]
+            self.targets = [int(t) for t in data["labels"]]
+        self.transform = transform
+        self.classes = [str(c) for c in sorted(set(self.targets))]
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        img = Image.fromarray(self.images[index])
+        return (self.transform(img) if self.transform is not None else img), self.targets[index]
+
+
+class LabelledDemoImages(DemoImages):
+    """The demo photos as a classification set: the label of a crop is its photo."""
+
+    def __getitem__(self, index):
+        return super().__getitem__(index), self.targets[index]
+
+
+def build_eval_transform(args):
+    """Resize (short side input_size / crop_pct, bicubic) + centre crop + normalise, as BEiT evaluates."""
+    size = args.input_size
+    crop_pct = getattr(args, "crop_pct", None) or (224 / 256 if size < 384 else 1.0)
+    mean, std = mean_std(args)
+    return transforms.Compose([
+        transforms.Resize(int(size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(size),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+def build_dataset(is_train, args, transform=None):
+    """Labelled dataset of ``(img, label)`` items for ``args.data_set`` and ``args.data_path``:
+
+    image_folder  ``data_path/train`` or ``data_path/val`` (ImageNet layout); unreadable images skipped
+    cifar10/100   torchvision's on-disk format under ``data_path``
+    npz           ``data_path/train.npz`` / ``data_path/test.npz`` (arrays ``images``, ``labels``)
+    demo          the bundled photos, labelled by photo (train and val draw different random crops)
+
+    ``transform`` defaults to the evaluation transform. Returns (dataset, number of classes).
+    """
+    data_set = getattr(args, "data_set", "image_folder") or "image_folder"
+    if data_set not in EVAL_DATA_SETS:
+        raise UsageError(f"--data_set {data_set} is not supported here; choose one of {', '.join(EVAL_DATA_SETS)}")
+    transform = transform if transform is not None else build_eval_transform(args)
+    data_path = getattr(args, "data_path", None)
+    split = "train" if is_train else "val"
+    if data_set == "image_folder":
+        _check_data_path(data_path)
+        root = os.path.join(data_path, split)
+        if not os.path.isdir(root):
+            raise UsageError(f"--data_path {data_path} has no {split}/ folder; a labelled ImageNet-style folder "
+                             f"needs train/<class>/ and val/<class>/ subfolders")
+        try:
+            dataset = PretrainingImageFolder(root, transform=transform, keep_labels=True)
+        except FileNotFoundError as exc:
+            raise _no_images_error(data_path, root) from exc
+        if len(dataset) == 0:
+            raise _no_images_error(data_path, root)
+        return dataset, len(dataset.classes)
+    if data_set in _CIFAR:
+        cls, folder = _CIFAR[data_set]
+        base = _build_cifar(data_set, data_path, transform).base
+        if not is_train:
+            base = cls(root=data_path, train=False, download=False, transform=transform)
+        return base, len(base.classes)
+    if data_set == "npz":
+        path = os.path.join(data_path or ".", "train.npz" if is_train else "test.npz")
+        if not os.path.isfile(path):
+            raise UsageError(f"--data_set npz expects {path}; give --data_path the folder holding train.npz "
+                             f"and test.npz")
+        dataset = NpzImages(path, transform)
+        return dataset, max(dataset.targets) + 1
+    dataset = LabelledDemoImages(transform, size=getattr(args, "demo_size", 2048))
+    return dataset, len(dataset.classes)

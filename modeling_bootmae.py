@@ -519,3 +519,137 @@ def encoder_layer_id(name, num_layers):
     if match:
         return int(match.group(1)) + 1
     return num_layers + 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the encoder for classification (fine-tuning, linear probing, kNN)
+
+class VisionTransformerForClassification(VisionTransformer):
+    """The pretrained encoder with a classification head (BEiT's fine-tuning model).
+
+    ``global_pool='avg'``: mean of the patch tokens (cls excluded) then a new LayerNorm ``fc_norm``; the
+    encoder's final ``norm`` is not used (BEiT and MAE drop it). ``global_pool='token'``: the cls token after
+    ``norm``. Head: Linear, trunc-normal std 0.02 scaled by ``init_scale`` (0.001 in the release).
+    """
+
+    def __init__(self, num_classes=1000, global_pool="avg", init_scale=0.001, **kwargs):
+        super().__init__(**kwargs)
+        if global_pool not in ("avg", "token"):
+            raise ValueError(f"global_pool must be 'avg' or 'token', got {global_pool!r}")
+        self.global_pool = global_pool
+        self.num_classes = num_classes
+        self._init_encoder()
+        if global_pool == "avg":
+            self.norm = nn.Identity()
+            self.fc_norm = LayerNorm(self.embed_dim)
+        else:
+            self.fc_norm = nn.Identity()
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            trunc_normal_(self.head.weight, std=0.02)
+            nn.init.zeros_(self.head.bias)
+            with torch.no_grad():
+                self.head.weight.mul_(init_scale)
+
+    def forward_features(self, images, return_blocks=()):
+        """images [B, 3, H, W] -> tokens [B, 1+N, D] (after ``norm``, which is the identity for 'avg')"""
+        return super().forward_features(images, return_blocks)
+
+    def pool(self, tokens):
+        """tokens [B, 1+N, D] -> pooled features [B, D] (before the head)"""
+        if self.global_pool == "avg":
+            return self.fc_norm(tokens[:, 1:].mean(dim=1))
+        return tokens[:, 0]
+
+    def forward(self, images):
+        return self.head(self.pool(self.forward_features(images)))
+
+    def no_weight_decay(self):
+        return {"cls_token"}
+
+
+def _create_classifier(size, pretrained=False, **kwargs):
+    if pretrained:
+        raise ValueError("no pretrained weights are downloaded; pass a checkpoint with --finetune")
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)
+    return VisionTransformerForClassification(**{**MODEL_SIZES[size], **kwargs})
+
+
+@register_model
+def bootmae_tiny_patch16_224(pretrained=False, **kwargs):
+    return _create_classifier("tiny", pretrained, **kwargs)
+
+
+@register_model
+def bootmae_small_patch16_224(pretrained=False, **kwargs):
+    return _create_classifier("small", pretrained, **kwargs)
+
+
+@register_model
+def bootmae_base_patch16_224(pretrained=False, **kwargs):
+    return _create_classifier("base", pretrained, **kwargs)
+
+
+@register_model
+def bootmae_large_patch16_224(pretrained=False, **kwargs):
+    return _create_classifier("large", pretrained, **kwargs)
+
+
+@register_model
+def bootmae_huge_patch14_224(pretrained=False, **kwargs):
+    return _create_classifier("huge", pretrained, **kwargs)
+
+
+ENCODER_PREFIXES = ("patch_embed.", "cls_token", "blocks.", "norm.")
+
+
+def encoder_state_dict(checkpoint, model_key="model"):
+    """The encoder tensors of a checkpoint (ours or the release's, pretraining or fine-tuning), in our key
+    names: decoders, heads and the fixed position tables dropped, ``module.``/``encoder.`` prefixes removed.
+
+    ``checkpoint`` is a loaded dict; ``model_key`` may list alternatives separated by '|' ("model|module").
+    Raises ValueError when the checkpoint has no such entry or no encoder tensors.
+    """
+    state = None
+    for key in model_key.split("|"):
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            state = checkpoint[key]
+            break
+    if state is None:
+        if isinstance(checkpoint, dict) and any(torch.is_tensor(v) for v in checkpoint.values()):
+            state = checkpoint  # a bare state dict
+        else:
+            raise ValueError(f"the checkpoint has no '{model_key}' entry (it has: {', '.join(map(str, checkpoint))})")
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "encoder."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        if key.startswith(ENCODER_PREFIXES) and torch.is_tensor(value):
+            out[key] = value
+    if not any(k.startswith("blocks.") for k in out):
+        raise ValueError(f"the checkpoint's '{model_key}' entry holds no encoder tensors (no 'blocks.*' keys)")
+    return out
+
+
+def load_encoder(model, state_dict):
+    """Copies encoder tensors into ``model`` (shapes must match). Returns (loaded, not_in_checkpoint,
+    unused) key lists so the caller can report exactly what was transferred."""
+    own = model.state_dict()
+    loaded, unused = [], []
+    bad = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+    if bad:
+        k = bad[0]
+        raise ValueError(f"the checkpoint's encoder does not fit the model: {k} is {tuple(state_dict[k].shape)} "
+                         f"in the checkpoint but {tuple(own[k].shape)} in the model ({len(bad)} such tensors); "
+                         f"choose the --model of the checkpoint's size")
+    with torch.no_grad():
+        for key, value in state_dict.items():
+            if key in own:
+                own[key].copy_(value)
+                loaded.append(key)
+            else:
+                unused.append(key)
+    missing = [k for k in own if k not in state_dict]
+    return loaded, missing, unused
