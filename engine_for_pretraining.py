@@ -117,9 +117,11 @@ def train_one_epoch(model, momentum_encoder, data_loader, optimizer, loss_scaler
         it = epoch * steps_per_epoch + step
         if data_iter % update_freq == 0:
             for group in optimizer.param_groups:
-                group["lr"] = lr_schedule[it] * group.get("lr_scale", 1.0)
+                # Python floats, not numpy scalars: the optimizer state goes into checkpoints that are
+                # loaded with torch.load(weights_only=True), which refuses numpy objects
+                group["lr"] = float(lr_schedule[it]) * group.get("lr_scale", 1.0)
                 if group["weight_decay"] > 0:
-                    group["weight_decay"] = wd_schedule[it]
+                    group["weight_decay"] = float(wd_schedule[it])
         images = images.to(device, non_blocking=True)
         mask = mask.to(device, non_blocking=True).flatten(1)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):

@@ -118,7 +118,7 @@ def check_args(args):
     num_patches = (args.input_size // patch) ** 2
     if not 0 < args.mask_num < num_patches:
         raise utils.UsageError(f"--mask_num {args.mask_num} must be between 1 and {num_patches - 1} (the "
-                               f"{args.input_size}px input has {num_patches} patches); 75 %% is "
+                               f"{args.input_size}px input has {num_patches} patches); 75 % is "
                                f"{round(0.75 * num_patches)}")
     if args.mask_type == "release" and args.num_mask_patches > args.mask_num:
         raise utils.UsageError(f"--num_mask_patches {args.num_mask_patches} (block budget) exceeds --mask_num "
@@ -287,13 +287,15 @@ def main(args):
                          decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth)
     model.default_cfg_name = args.model
     model.to(device)
-    momentum_encoder = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
     utils.print0(f"model: {args.model}, {modeling_bootmae.count_trainable(model):,} trainable parameters")
 
     model_ddp = model
     if args.distributed:
         model_ddp = DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None,
                                             find_unused_parameters=False)
+    # after the DDP wrap, which broadcasts rank 0's initial weights: every rank's momentum encoder must
+    # start from those, not from its own (differently seeded) initialisation
+    momentum_encoder = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
 
     # optimisation
     total_batch = args.batch_size * args.update_freq * world
@@ -354,7 +356,7 @@ def cli():
     try:
         main(args)
     except (utils.UsageError, NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        print(f"error: {utils.one_line_error(e)}", file=sys.stderr, flush=True)
         sys.exit(2)
     finally:
         if utils.is_dist():

@@ -17,6 +17,19 @@ class UsageError(Exception):
     """Bad input from the user: the entry points print the message as one line and exit with status 2."""
 
 
+def one_line_error(exc):
+    """The message of ``exc`` as one line. An exception raised inside a DataLoader worker reaches the main
+    process re-raised by torch as the same type, with the worker's traceback folded into the message
+    ("Caught UsageError in DataLoader worker process 0.\nOriginal Traceback ...\nutils.UsageError: <msg>");
+    the original message is then what follows the type name on the last line."""
+    text = str(exc).strip()
+    if "\nOriginal Traceback" in text:
+        last = text.splitlines()[-1]
+        name = type(exc).__name__ + ": "
+        text = last[last.find(name) + len(name):] if name in last else last
+    return " ".join(text.split())
+
+
 # ---------------------------------------------------------------------------------------------------------
 # distributed
 
@@ -227,7 +240,10 @@ def load_checkpoint(path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torch's weights_only failures wrap the real reason (e.g. "Unsupported operand 44" for random
+        # bytes) in a banner that suggests weights_only=False; report the reason instead
+        reason = e.__context__ if "Weights only load failed" in str(e) and e.__context__ is not None else e
+        first = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
         raise UsageError(f"cannot read checkpoint {path} ({first}); it is corrupt, truncated or not a "
                          f"PyTorch checkpoint with plain tensors") from e
 
