@@ -122,11 +122,13 @@ def train_one_epoch(model, momentum_encoder, data_loader, optimizer, loss_scaler
                 group["lr"] = float(lr_schedule[it]) * group.get("lr_scale", 1.0)
                 if group["weight_decay"] > 0:
                     group["weight_decay"] = float(wd_schedule[it])
+        # the masked count is read on the host, before the copy, so the step never waits for the device
+        num_masked = int(mask[0].sum())
         images = images.to(device, non_blocking=True)
         mask = mask.to(device, non_blocking=True).flatten(1)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             target = momentum_encoder.module.target_features(images) if use_targets else None
-            pixel_pred, feature_pred = model(images, mask)
+            pixel_pred, feature_pred = model(images, mask, num_masked)
         pixel_loss, feature_loss = bootmae_loss(pixel_pred, feature_pred, target, images, mask, patch_size,
                                                 args.weight_mask)
         loss = pixel_loss + feature_weight * feature_loss

@@ -21,6 +21,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from timm.models import register_model
 
@@ -47,6 +48,37 @@ def sincos_pos_embed_2d(dim, grid_h, grid_w, cls_token=True):
     if cls_token:
         emb = torch.cat([torch.zeros(1, dim), emb], dim=0)
     return emb[None]
+
+
+# False switches attention to the explicit softmax(q k^T / sqrt(d)) v of the release: the plain reference
+# path that benchmarks and the fast-path equivalence tests compare against. See ``fused_attention``.
+FUSED_ATTENTION = True
+
+
+class fused_attention:
+    """Context manager / setter for the attention kernel: ``with fused_attention(False): ...``."""
+
+    def __init__(self, enabled):
+        global FUSED_ATTENTION
+        self.previous, FUSED_ATTENTION = FUSED_ATTENTION, bool(enabled)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        global FUSED_ATTENTION
+        FUSED_ATTENTION = self.previous
+
+
+def attention(q, k, v, dropout_p=0.0):
+    """q: [B, H, N, d], k/v: [B, H, M, d] -> [B, H, N, d]."""
+    if FUSED_ATTENTION:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    attn = attn.softmax(dim=-1)
+    if dropout_p > 0:
+        attn = F.dropout(attn, dropout_p)
+    return attn @ v
 
 
 def _qv_bias(q_bias, v_bias):
@@ -83,7 +115,7 @@ class Attention(nn.Module):
         bias = None if self.q_bias is None else _qv_bias(self.q_bias, self.v_bias)
         qkv = F.linear(x, self.qkv.weight, bias).reshape(B, N, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        x = attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
 
 
@@ -119,7 +151,7 @@ class CrossAttention(nn.Module):
         kv = F.linear(context, self.kv.weight, kv_bias).reshape(B, M, 2, self.num_heads, self.head_dim)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
         q = q.reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        x = attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, -1)))
 
 
@@ -203,6 +235,16 @@ class VisionTransformer(nn.Module):
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dpr[i], norm_layer)
             for i in range(depth)])
         self.norm = norm_layer(embed_dim)
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable=True):
+        """Recompute encoder block activations in the backward pass (saves memory for ViT-L/H batches)."""
+        self.grad_checkpointing = enable
+
+    def run_block(self, blk, x):
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+        return blk(x)
 
     def _init_encoder(self):
         init_weights(self)
@@ -240,7 +282,7 @@ class VisionTransformer(nn.Module):
         x = self.with_cls(x, pos)
         feats = {}
         for i, blk in enumerate(self.blocks):
-            x = blk(x)
+            x = self.run_block(blk, x)
             if i in return_blocks:
                 feats[i] = x
         x = self.norm(x)
@@ -340,16 +382,18 @@ class BootMAE(VisionTransformer):
         x = self.with_cls(x, pos)
         feats = {}
         for i, blk in enumerate(self.blocks):
-            x = blk(x)
+            x = self.run_block(blk, x)
             if i in self.context_blocks:
                 feats[i] = x
         return self.norm(x), feats
 
-    def forward(self, images, mask):
+    def forward(self, images, mask, num_masked=None):
         """images: [B, 3, H, W]; mask: [B, N] bool, True = masked, the same count in every row.
-        Returns (pixel_pred [B, N, P*P*3] in (p, q, channel) order, feature_pred [B, N, D])."""
+        Returns (pixel_pred [B, N, P*P*3] in (p, q, channel) order, feature_pred [B, N, D]).
+        ``num_masked`` (the count per row) spares a device-to-host sync when the caller knows it."""
         grid = self.grid_size(images)
-        num_masked = int(mask[0].sum())
+        if num_masked is None:
+            num_masked = int(mask[0].sum())
         # stable sort: visible patches first, each group in patch order
         ids_shuffle = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)
         ids_restore = torch.argsort(ids_shuffle, dim=1)

@@ -19,7 +19,7 @@ from timm.utils import ModelEmaV3
 
 import modeling_bootmae  # noqa: F401  (registers the bootmae_* models with timm)
 import utils
-from datasets import build_pretraining_dataset
+from datasets import mean_std, build_pretraining_dataset
 from engine_for_pretraining import NonFiniteLossError, normalized_pixel_target, train_one_epoch, unpatchify
 from modeling_bootmae import from_release_state_dict, is_release_state_dict
 from optim_factory import create_optimizer
@@ -243,21 +243,12 @@ def save_reconstruction(args, model, dataset, device, path, num_images=4):
     masked = unpatchify(patchify(images, P) * (1 - m), P, grid)
     pasted = unpatchify(patchify(images, P) * (1 - m) + recon * m, P, grid)
     rows = torch.stack([images, masked, unpatchify(recon, P, grid), pasted], 1).flatten(0, 1)
-    mean_t = torch.tensor(dataset_mean(args), device=device).view(1, 3, 1, 1)
-    std_t = torch.tensor(dataset_std(args), device=device).view(1, 3, 1, 1)
+    mean, std = mean_std(args)
+    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
     save_image((rows * std_t + mean_t).clamp(0, 1), path + ".tmp.png", nrow=4, padding=2)
     os.replace(path + ".tmp.png", path)
     model.train()
-
-
-def dataset_mean(args):
-    from datasets import BOOTMAE_MEAN, IMAGENET_MEAN
-    return IMAGENET_MEAN if args.imagenet_default_mean_and_std else BOOTMAE_MEAN
-
-
-def dataset_std(args):
-    from datasets import BOOTMAE_STD, IMAGENET_STD
-    return IMAGENET_STD if args.imagenet_default_mean_and_std else BOOTMAE_STD
 
 
 def main(args):

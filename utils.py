@@ -262,3 +262,23 @@ def find_last_checkpoint(output_dir):
         if m:
             numbered.append((int(m.group(1)), path))
     return max(numbered)[1] if numbered else None
+
+
+def load_pretrained_encoder(model, path, model_key="model|module"):
+    """Loads the encoder of a checkpoint (ours or the release's; pretraining or fine-tuning) into ``model``
+    and prints exactly what was transferred. Returns (loaded, not_in_checkpoint, unused) key lists.
+
+    Bad input (missing file, unreadable file, no encoder tensors, another model size) raises UsageError.
+    """
+    import modeling_bootmae
+    checkpoint = load_checkpoint(path)
+    try:
+        state = modeling_bootmae.encoder_state_dict(checkpoint, model_key)
+        loaded, missing, unused = modeling_bootmae.load_encoder(model, state)
+    except ValueError as e:
+        raise UsageError(f"{path}: {e}") from e
+    print0(f"loaded {len(loaded)} encoder tensors from {path} (entry '{model_key}')")
+    print0(f"  newly initialised (not in the checkpoint): {', '.join(missing) or 'none'}")
+    if unused:
+        print0(f"  in the checkpoint but not used: {', '.join(unused)}")
+    return loaded, missing, unused
