@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from timm.models import create_model
 from timm.utils import ModelEmaV3
 
+import eval_knn
 import modeling_bootmae  # noqa: F401  (registers the bootmae_* models with timm)
 import utils
 from datasets import mean_std, build_pretraining_dataset
@@ -98,6 +99,7 @@ def get_args_parser():
     p.add_argument("--log_all_ranks", action="store_true", help="every rank prints its epoch summary")
     p.add_argument("--local_rank", "--local-rank", default=-1, type=int,
                    help="set by torch.distributed.launch; LOCAL_RANK from the environment is what is used")
+    eval_knn.add_knn_args(p)  # --knn_freq, --knn_data_set, --knn_data_path, --knn_k, --knn_temperature, ...
     return p
 
 
@@ -279,6 +281,7 @@ def main(args):
     model.default_cfg_name = args.model
     model.to(device)
     utils.print0(f"model: {args.model}, {modeling_bootmae.count_trainable(model):,} trainable parameters")
+    knn_monitor = eval_knn.KnnMonitor.from_args(args, device, amp_dtype)  # None unless --knn_freq
 
     model_ddp = model
     if args.distributed:
@@ -323,6 +326,8 @@ def main(args):
                                 lr_schedule, wd_schedule, args, log_writer, amp_dtype)
         save_checkpoint(args, epoch, model, momentum_encoder, optimizer, loss_scaler)
         record = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
+        if knn_monitor is not None:
+            record.update(knn_monitor(epoch, model, momentum_encoder, log_writer))
         utils.append_log(args.output_dir, record)
         summary = (f"epoch {epoch} done: loss {stats['loss']:.4f} (pixel {stats['pixel_loss']:.4f}, feature "
                    f"{stats['feature_loss']:.4f}) averaged over {world} process(es)")

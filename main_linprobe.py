@@ -1,0 +1,496 @@
+"""Linear probing of a pretrained BootMAE encoder (the release's main_linprobe.py, i.e. MAE's recipe).
+
+    python main_linprobe.py --finetune pretrain/checkpoint-799.pth --data_path /data/imagenet --output_dir out/
+    torchrun --nproc_per_node 8 main_linprobe.py --batch_size 1024 --accum_iter 2 --model base_patch16_224 \
+        --depth 10 --global_pool --epochs 90 --blr 0.1 --weight_decay 0.0 --dist_eval ...   (the paper's run)
+
+The encoder is truncated to its first ``--depth`` blocks and frozen (eval mode, no gradients). Features:
+``--global_pool``: a LayerNorm (``fc_norm``, eps 1e-6) of the mean of the patch tokens after block depth-1;
+``--cls_token`` (the parser's default, as in the release): the cls token after the encoder's final norm.
+``fc_norm`` is new and, as in the release (which trains only ``head``), keeps its initial unit scale and
+zero shift. The trained head is BatchNorm1d(affine=False, eps 1e-6) + Linear (trunc-normal std 0.01,
+zero bias), optimised by LARS (momentum 0.9, weight decay 0) with lr = blr x total batch / 256, 10 linear
+warm-up epochs then a half cosine to ``--min_lr``, set every optimisation step as MAE does.
+
+LARS is timm's ``Lars`` with two parameter groups, which reproduces MAE's LARS exactly at weight decay 0
+(the recipe): tensors of 2+ dimensions get the trust ratio 0.001 ||w|| / ||g|| (``always_adapt=True``,
+``eps=0``), 1-D tensors (the head's bias) neither the trust ratio nor weight decay, and the momentum buffer
+starts at the first gradient (MAE: zeros, then mu = 0.9 mu + g: the same). With weight decay > 0 timm's
+denominator is ||g|| + wd ||w|| where MAE's is ||g + wd w||.
+
+Checkpoints hold what trains (``model``: the head's Linear and BN statistics, with the release's key names
+``head.0.*``/``head.1.*``), the optimizer, epoch, args and the best accuracy; the encoder comes from
+``--finetune`` (recorded in ``args``, so ``--eval --resume`` finds it).
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from timm.models import create_model
+from timm.optim import Lars
+from torch.nn.parallel import DistributedDataParallel
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+
+import modeling_bootmae  # noqa: F401  (registers the bootmae_* models with timm)
+import utils
+from datasets import build_dataset, build_eval_transform, mean_std
+from engine_for_pretraining import NonFiniteLossError
+from eval_knn import ShardSampler, parse_model_size
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("BootMAE linear probing", add_help=False)
+    p.add_argument("--batch_size", default=512, type=int,
+                   help="images per process and step; total batch = batch_size x accum_iter x processes")
+    p.add_argument("--epochs", default=90, type=int)
+    p.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps")
+    p.add_argument("--print_freq", default=20, type=int, help="steps between log lines (the only host syncs)")
+
+    # model
+    p.add_argument("--model", default="bootmae_base_patch16_224",
+                   help="bootmae_{tiny,small,base,large}_patch16_224, bootmae_huge_patch14_224; the release's "
+                        "base_patch16_224 / large_patch16_224 and bootmae_base etc. are accepted")
+    p.add_argument("--depth", default=None, type=int,
+                   help="encoder blocks kept (default: all); the paper probes block 10 of 12 (ViT-B), 18 of 24 (ViT-L)")
+    p.add_argument("--global_pool", action="store_true", default=None,
+                   help="mean of the patch tokens + LayerNorm (the paper's setting)")
+    p.add_argument("--cls_token", action="store_false", dest="global_pool",
+                   help="the cls token after the final norm (the default, as in the release's parser)")
+    p.add_argument("--input_size", default=224, type=int)
+    p.add_argument("--patch_size", default=None, type=int, help="patch side (default: the model's); 4 for 32px CIFAR")
+
+    # optimisation
+    p.add_argument("--weight_decay", default=0.0, type=float, help="LARS weight decay (0 for linear probing)")
+    p.add_argument("--lr", default=None, type=float, help="absolute lr (overrides --blr)")
+    p.add_argument("--blr", default=0.1, type=float, help="base lr: lr = blr x total batch / 256")
+    p.add_argument("--min_lr", default=0.0, type=float, help="final lr of the cosine")
+    p.add_argument("--warmup_epochs", default=10, type=int)
+    p.add_argument("--momentum", default=0.9, type=float, help="LARS momentum")
+    p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
+                   help="autocast for the frozen encoder (default: bf16 on CUDA, none on CPU); the head is float32")
+
+    # checkpoints
+    p.add_argument("--finetune", default="", help="pretrained checkpoint whose encoder is probed (ours or the release's)")
+    p.add_argument("--model_key", default="model|module",
+                   help="checkpoint entries to try, '|'-separated ('model' = the online encoder, as the release "
+                        "probes; 'model_ema' = the momentum encoder)")
+    p.add_argument("--resume", default="", help="linear-probe checkpoint to continue from (or to evaluate with --eval)")
+    p.add_argument("--auto_resume", action="store_true", default=True,
+                   help="continue from output_dir/checkpoint-last.pth if it exists (default on)")
+    p.add_argument("--no_auto_resume", action="store_false", dest="auto_resume")
+    p.add_argument("--start_epoch", default=0, type=int)
+    p.add_argument("--eval", action="store_true", help="only evaluate the head of --resume")
+    p.add_argument("--dist_eval", action="store_true",
+                   help="split evaluation over the processes (exact: no item is duplicated)")
+
+    # data
+    p.add_argument("--data_set", default="image_folder", choices=["image_folder", "cifar10", "cifar100", "npz", "demo"])
+    p.add_argument("--data_path", default=None, help="folder with train/ and val/ (image_folder), CIFAR or npz files")
+    p.add_argument("--nb_classes", default=None, type=int, help="classes of the head (default: the data set's)")
+    p.add_argument("--demo_size", default=2048, type=int, help="items per split of --data_set demo")
+    p.add_argument("--crop_pct", default=None, type=float, help="evaluation centre-crop fraction (default 224/256)")
+    p.add_argument("--imagenet_default_mean_and_std", action="store_true",
+                   help="normalise with ImageNet's mean/std instead of the release's 0.5/0.5 (match pretraining)")
+    p.add_argument("--num_workers", default=10, type=int)
+    p.add_argument("--pin_mem", action="store_true", default=True)
+    p.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+
+    # run
+    p.add_argument("--output_dir", default="", help="checkpoints, log.txt, TensorBoard events")
+    p.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", default=0, type=int)
+    p.add_argument("--local_rank", "--local-rank", default=-1, type=int,
+                   help="set by torch.distributed.launch; LOCAL_RANK from the environment is what is used")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------------
+# arguments
+
+# fields of a probe checkpoint's args that an --eval run must share with it
+_PROBE_FIELDS = ("depth", "global_pool", "finetune", "model_key", "patch_size")
+
+
+def check_args(args):
+    """Refuse bad settings before anything is built or written; fills args.size and args.depth."""
+    args.size = parse_model_size(args.model)
+    cfg = modeling_bootmae.MODEL_SIZES[args.size]
+    patch = args.patch_size or cfg["patch_size"]
+    if args.input_size % patch:
+        raise utils.UsageError(f"--input_size {args.input_size} is not divisible by the patch size {patch}; "
+                               f"use a multiple of {patch}")
+    if args.batch_size < 1 or args.accum_iter < 1 or args.epochs < 1:
+        raise utils.UsageError("--batch_size, --accum_iter and --epochs must be at least 1")
+    if args.depth is not None and not 1 <= args.depth <= cfg["depth"]:
+        raise utils.UsageError(f"--depth {args.depth} is outside the {cfg['depth']} blocks of {args.model}; "
+                               f"choose 1..{cfg['depth']} (the paper: 10 for ViT-B, 18 for ViT-L)")
+    if args.resume and not os.path.isfile(args.resume):
+        raise utils.UsageError(f"--resume {args.resume} does not exist; give the path of a linear-probe checkpoint")
+    if args.eval and not args.resume:
+        raise utils.UsageError("--eval needs --resume: the linear-probe checkpoint whose head to evaluate")
+    if not args.eval and not args.finetune:
+        raise utils.UsageError("--finetune is required: the pretrained checkpoint whose encoder is probed")
+    if args.finetune and not os.path.isfile(args.finetune):
+        raise utils.UsageError(f"--finetune {args.finetune} does not exist; give the path of a pretraining checkpoint")
+
+
+def inherit_from_checkpoint(args, ckpt_args, path):
+    """For --eval: the probe settings left unset are taken from the checkpoint's args."""
+    saved = vars(ckpt_args) if isinstance(ckpt_args, argparse.Namespace) else {}
+    for field in _PROBE_FIELDS:
+        mine = getattr(args, field)
+        if field in saved and (mine in (None, "") or (field == "model_key" and mine == "model|module")):
+            setattr(args, field, saved[field])
+
+
+def check_matches_checkpoint(args, ckpt_args, path):
+    """A head only fits the features it was trained on: refuse another model size, depth, pooling or patch."""
+    saved = vars(ckpt_args) if isinstance(ckpt_args, argparse.Namespace) else {}
+    if "size" in saved and saved["size"] != args.size:
+        raise utils.UsageError(f"{path} was trained on bootmae_{saved['size']}, not {args.model}; pass its --model")
+    for field in ("depth", "global_pool", "patch_size"):
+        if field in saved and saved[field] != getattr(args, field):
+            raise utils.UsageError(f"--{field} {getattr(args, field)} differs from the {saved[field]} that {path} was "
+                                   f"trained with; use the same value (or another --output_dir for a new probe)")
+
+
+def resolve_amp(args, device):
+    if args.amp is None:
+        args.amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "none"
+    if args.amp == "fp16" and device.type != "cuda":
+        raise utils.UsageError("--amp fp16 needs a CUDA device; use --amp bf16 or none on CPU")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data
+
+class RandomResizedCropNoRetry(transforms.RandomResizedCrop):
+    """MAE's linear-probe crop (TF/BYOL style): one draw of area fraction and log-aspect ratio, the box
+    clamped to the image, instead of torchvision's ten tries and centre-crop fallback."""
+
+    @staticmethod
+    def get_params(img, scale, ratio):
+        width, height = transforms.functional.get_image_size(img)
+        area = height * width
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        log_ratio = torch.log(torch.tensor(ratio))
+        aspect = math.exp(torch.empty(1).uniform_(log_ratio[0].item(), log_ratio[1].item()).item())
+        w = min(int(round(math.sqrt(target_area * aspect))), width)
+        h = min(int(round(math.sqrt(target_area / aspect))), height)
+        i = torch.randint(0, height - h + 1, size=(1,)).item()
+        j = torch.randint(0, width - w + 1, size=(1,)).item()
+        return i, j, h, w
+
+
+def build_train_transform(args):
+    mean, std = mean_std(args)
+    return transforms.Compose([
+        RandomResizedCropNoRetry(args.input_size, interpolation=InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean, std),
+    ])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# model and optimiser
+
+def build_probe(args, nb_classes):
+    """The truncated classifier with the probe head: model.head = Sequential(BN without affine, Linear)."""
+    model = create_model(f"bootmae_{args.size}_patch{14 if args.size == 'huge' else 16}_224",
+                         num_classes=nb_classes, global_pool="avg" if args.global_pool else "token",
+                         depth=args.depth, img_size=args.input_size,
+                         **({"patch_size": args.patch_size} if args.patch_size else {}))
+    linear = nn.Linear(model.embed_dim, nb_classes)
+    trunc_normal_(linear.weight, std=0.01)  # MoCo v3 / MAE
+    nn.init.zeros_(linear.bias)
+    model.head = nn.Sequential(nn.BatchNorm1d(model.embed_dim, affine=False, eps=1e-6), linear)
+    for p in model.parameters():
+        p.requires_grad = False
+    for p in model.head.parameters():
+        p.requires_grad = True
+    return model
+
+
+def load_probe_encoder(model, path, model_key):
+    """Encoder tensors from the pretrained checkpoint; blocks beyond --depth are left out. Refuses a
+    checkpoint that does not fill every encoder tensor the probe uses (only fc_norm and head are new)."""
+    _, missing, _ = utils.load_pretrained_encoder(model, path, model_key)
+    essential = [k for k in missing if not k.startswith(("fc_norm.", "head."))]
+    if essential:
+        raise utils.UsageError(f"{path} lacks {len(essential)} encoder tensors the probe needs (e.g. {essential[0]}); "
+                               f"pass the --model of the checkpoint's size")
+
+
+def build_optimizer(head, args):
+    """timm's Lars in MAE's LARS semantics (see the module docstring)."""
+    matrices = [p for p in head.parameters() if p.ndim > 1]
+    vectors = [p for p in head.parameters() if p.ndim <= 1]
+    groups = [dict(params=matrices, weight_decay=args.weight_decay, always_adapt=True),
+              dict(params=vectors, weight_decay=0.0, always_adapt=False)]
+    return Lars(groups, lr=args.lr, momentum=args.momentum, trust_coeff=0.001, eps=0.0, trust_clip=False)
+
+
+def adjust_learning_rate(optimizer, epoch, args):
+    """MAE's per-step schedule at fractional ``epoch``: linear warm-up, then a half cosine to min_lr."""
+    if epoch < args.warmup_epochs:
+        lr = args.lr * epoch / args.warmup_epochs
+    else:
+        progress = (epoch - args.warmup_epochs) / max(args.epochs - args.warmup_epochs, 1e-12)
+        lr = args.min_lr + (args.lr - args.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def features(model, images, amp_dtype):
+    """Frozen encoder -> pooled features [B, D] in float32 (no graph is built)."""
+    autocast = (torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype is not None
+                else contextlib.nullcontext())
+    with torch.no_grad(), autocast:
+        return model.pool(model.forward_features(images)).float()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# train and evaluate
+
+def train_one_epoch(model, head, loader, optimizer, device, epoch, args, amp_dtype, log_writer=None):
+    """One epoch of the head. ``head`` is ``model.head``, DDP-wrapped when distributed."""
+    model.eval()
+    model.head.train()
+    optimizer.zero_grad(set_to_none=True)
+    logger = utils.StepLogger(device, ["loss"], log_writer)
+    n = len(loader)
+    lr = optimizer.param_groups[0]["lr"]
+    start = time.time()
+    for step, (images, targets) in enumerate(loader):
+        if step % args.accum_iter == 0:
+            lr = adjust_learning_rate(optimizer, epoch + step / n, args)
+        images = images.to(device, non_blocking=True)
+        targets = torch.as_tensor(targets).to(device, non_blocking=True)
+        logits = head(features(model, images, amp_dtype))
+        loss = F.cross_entropy(logits, targets)
+        update = (step + 1) % args.accum_iter == 0
+        sync = contextlib.nullcontext() if update or not isinstance(head, DistributedDataParallel) else head.no_sync()
+        with sync:  # accumulate locally, all-reduce only on the update step
+            (loss / args.accum_iter).backward()
+        if update:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        logger.add(loss=loss.detach())
+        if (step + 1) % args.print_freq == 0 or step + 1 == n:
+            means = logger.flush(epoch * n + step)
+            if not math.isfinite(means["loss"]):
+                raise NonFiniteLossError(f"non-finite loss {means['loss']} in epoch {epoch} before step {step + 1}; "
+                                         f"lower --blr/--lr")
+            utils.print0(f"Epoch: [{epoch}] [{step + 1:>{len(str(n))}}/{n}]  lr {lr:.3e}  loss {means['loss']:.4f}  "
+                         f"{(time.time() - start) / (step + 1):.2f} s/step")
+            if log_writer is not None:
+                log_writer.add_scalar("train/lr", lr, epoch * n + step)
+    stats = logger.epoch_means()
+    return {"loss": stats["loss"], "lr": lr}
+
+
+def sync_head_buffers(model):
+    """BN statistics differ per rank after DDP training (each rank updates rank 0's broadcast copy with its
+    own batch); evaluate everywhere with rank 0's, the ones the checkpoint stores."""
+    if utils.is_dist():
+        for buf in model.head.buffers():
+            dist.broadcast(buf, 0)
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, amp_dtype, sharded):
+    """Top-1/top-5 (%) and mean loss. ``sharded``: the loader holds this rank's ShardSampler shard and the
+    counts are summed over ranks (exact); otherwise every rank evaluates the whole set."""
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, count
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True)
+        targets = torch.as_tensor(targets).to(device, non_blocking=True)
+        logits = model.head(features(model, images, amp_dtype))
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(targets[:, None])
+        sums += torch.stack([F.cross_entropy(logits, targets, reduction="sum").double(),
+                             top[:, 0].sum().double(), top.any(dim=1).sum().double(),
+                             torch.tensor(float(len(targets)), dtype=torch.float64, device=device)])
+    if sharded and utils.is_dist():
+        dist.all_reduce(sums)
+    loss, c1, c5, count = sums.tolist()
+    count = max(count, 1.0)
+    return {"acc1": 100.0 * c1 / count, "acc5": 100.0 * c5 / count, "loss": loss / count, "n": int(count)}
+
+
+def head_state(model):
+    return {f"head.{k}": v.detach().clone() for k, v in model.head.state_dict().items()}
+
+
+def load_head(model, ckpt, path):
+    state = ckpt.get("model") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise utils.UsageError(f"{path} has no 'model' entry; it is not a linear-probe checkpoint")
+    head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+    own = model.head.state_dict()
+    if set(head) != set(own):
+        raise utils.UsageError(f"{path} holds no linear-probe head (expected head.0.running_mean, head.1.weight, ...); "
+                               f"give a checkpoint written by main_linprobe.py")
+    bad = [k for k in own if own[k].shape != head[k].shape]
+    if bad:
+        raise utils.UsageError(f"{path}: head.{bad[0]} is {tuple(head[bad[0]].shape)} there but {tuple(own[bad[0]].shape)} "
+                               f"here; pass the --model and --nb_classes it was trained with")
+    model.head.load_state_dict(head)
+
+
+def save(args, name, model, optimizer, epoch, max_accuracy, test_stats):
+    if args.output_dir:
+        utils.save_on_master({"model": head_state(model), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                              "args": args, "max_accuracy": max_accuracy, "test_stats": test_stats},
+                             os.path.join(args.output_dir, name))
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def main(args):
+    check_args(args)
+    resume_path = args.resume
+    if not resume_path and args.auto_resume and not args.eval and args.output_dir:
+        resume_path = utils.find_last_checkpoint(args.output_dir) or ""
+    ckpt = utils.load_checkpoint(resume_path) if resume_path else None
+    ckpt_args = ckpt.get("args") if isinstance(ckpt, dict) else None
+    if ckpt is not None and args.eval:
+        inherit_from_checkpoint(args, ckpt_args, resume_path)
+        if not args.finetune or not os.path.isfile(args.finetune):
+            raise utils.UsageError(f"the encoder checkpoint {args.finetune or '(none recorded)'} of {resume_path} "
+                                   f"is not available; pass it with --finetune")
+    args.depth = args.depth or modeling_bootmae.MODEL_SIZES[args.size]["depth"]
+    args.global_pool = bool(args.global_pool)
+    if ckpt is not None:
+        check_matches_checkpoint(args, ckpt_args, resume_path)
+
+    utils.init_distributed_mode(args)
+    device = torch.device(args.device)
+    amp_dtype = resolve_amp(args, device)
+    world, rank = utils.get_world_size(), utils.get_rank()
+
+    # data (bad paths stop here, before the model is built or anything written)
+    train_set, nb_train = build_dataset(True, args, transform=build_train_transform(args))
+    val_set, nb_val = build_dataset(False, args, transform=build_eval_transform(args))
+    nb_data = max(nb_train, nb_val)
+    if args.nb_classes is None:
+        args.nb_classes = nb_data
+    elif args.nb_classes < nb_data:
+        raise utils.UsageError(f"--nb_classes {args.nb_classes} is below the {nb_data} classes of the data; "
+                               f"drop it to use the data's count")
+    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
+                                                  seed=args.seed)
+    pin = args.pin_mem and device.type == "cuda"
+    train_loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=args.batch_size,
+                                               num_workers=args.num_workers, pin_memory=pin, drop_last=True)
+    val_sampler = ShardSampler(val_set) if args.dist_eval else torch.utils.data.SequentialSampler(val_set)
+    val_loader = torch.utils.data.DataLoader(val_set, sampler=val_sampler, batch_size=args.batch_size,
+                                             num_workers=args.num_workers, pin_memory=pin, drop_last=False)
+    if not args.eval and len(train_loader) == 0:
+        raise utils.UsageError(f"{len(train_set)} training images over {world} process(es) give no full batch of "
+                               f"--batch_size {args.batch_size}; lower it or add data")
+
+    # model: every rank draws the same head (DDP would broadcast rank 0's anyway)
+    torch.manual_seed(args.seed)
+    model = build_probe(args, args.nb_classes)
+    load_probe_encoder(model, args.finetune, args.model_key)
+    model.to(device)
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    utils.print0(f"probe: bootmae_{args.size}, {args.depth} blocks, "
+                 f"{'mean of patch tokens + LayerNorm' if args.global_pool else 'cls token'}, "
+                 f"head BN + Linear({model.embed_dim}, {args.nb_classes}): {n_parameters:,} trainable parameters")
+
+    total_batch = args.batch_size * args.accum_iter * world
+    if args.lr is None:
+        args.lr = args.blr * total_batch / 256
+    if not args.eval:
+        utils.print0(f"lr {args.lr:.3e} (base {args.lr * 256 / total_batch:.3e} x total batch {total_batch} / 256), "
+                     f"accum_iter {args.accum_iter}, {len(train_loader)} batches per process and epoch")
+    optimizer = build_optimizer(model.head, args)
+
+    start_epoch, max_accuracy = args.start_epoch, 0.0
+    if ckpt is not None:
+        load_head(model, ckpt, resume_path)
+        if not args.eval and "optimizer" in ckpt and "epoch" in ckpt:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            start_epoch = int(ckpt["epoch"]) + 1
+            max_accuracy = float(ckpt.get("max_accuracy", 0.0))
+        utils.print0(f"resume: {resume_path} (epoch {ckpt.get('epoch')})" + ("" if args.eval else f", continuing at "
+                                                                              f"epoch {start_epoch}"))
+
+    if args.eval:
+        stats = evaluate(model, val_loader, device, amp_dtype, args.dist_eval)
+        utils.print0(f"Accuracy of the network on the {stats['n']} test images: top-1 {stats['acc1']:.2f} %, "
+                     f"top-5 {stats['acc5']:.2f} %")
+        utils.print0("eval: " + json.dumps(stats))
+        return stats
+
+    head = model.head
+    if args.distributed:
+        head = DistributedDataParallel(model.head, device_ids=[args.gpu] if device.type == "cuda" else None)
+
+    log_writer = None
+    if utils.is_main_process() and args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+        from torch.utils.tensorboard import SummaryWriter
+        log_writer = SummaryWriter(log_dir=args.log_dir or args.output_dir)
+
+    utils.print0(f"training epochs {start_epoch}..{args.epochs - 1}")
+    start_time = time.time()
+    stats = None
+    for epoch in range(start_epoch, args.epochs):
+        utils.seed_everything(args.seed + 1000003 * epoch + rank)
+        sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(model, head, train_loader, optimizer, device, epoch, args, amp_dtype, log_writer)
+        sync_head_buffers(model)
+        stats = evaluate(model, val_loader, device, amp_dtype, args.dist_eval)
+        improved = stats["acc1"] > max_accuracy or epoch == 0
+        max_accuracy = max(max_accuracy, stats["acc1"])
+        save(args, "checkpoint-last.pth", model, optimizer, epoch, max_accuracy, stats)
+        if improved:
+            save(args, "checkpoint-best.pth", model, optimizer, epoch, max_accuracy, stats)
+        utils.print0(f"epoch {epoch}: train loss {train_stats['loss']:.4f}, test on {stats['n']} images: top-1 "
+                     f"{stats['acc1']:.2f} %, top-5 {stats['acc5']:.2f} %, loss {stats['loss']:.4f} "
+                     f"(best top-1 {max_accuracy:.2f} %)")
+        utils.append_log(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
+                                           **{f"test_{k}": v for k, v in stats.items()},
+                                           "epoch": epoch, "max_accuracy": max_accuracy, "n_parameters": n_parameters})
+        if log_writer is not None:
+            for key in ("acc1", "acc5", "loss"):
+                log_writer.add_scalar(f"perf/test_{key}", stats[key], epoch)
+            log_writer.flush()
+    if log_writer is not None:
+        log_writer.close()
+    utils.print0(f"training time {utils.format_seconds(time.time() - start_time)}, best top-1 {max_accuracy:.2f} %")
+    return stats
+
+
+def cli():
+    parser = argparse.ArgumentParser("BootMAE linear probing", parents=[get_args_parser()])
+    args = parser.parse_args()
+    try:
+        main(args)
+    except (utils.UsageError, NonFiniteLossError) as e:
+        print(f"error: {utils.one_line_error(e)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if utils.is_dist():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    cli()
