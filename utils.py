@@ -227,17 +227,37 @@ def save_on_master(obj, path):
     if not is_main_process():
         return
     tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _numpy_scalar_types():
+    # The release (like BEiT) sets each param group's lr from a numpy schedule, so its optimizer state holds
+    # numpy float64 scalars; unpickling one needs numpy's scalar constructor and dtype classes. These build
+    # plain numbers from bytes and run no other code.
+    scalar = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray
+    types = [scalar.scalar, np.dtype]
+    types += [getattr(np.dtypes, name) for name in ("Float64DType", "Float32DType", "Int64DType", "Int32DType",
+                                                    "BoolDType") if hasattr(np, "dtypes") and hasattr(np.dtypes, name)]
+    return types
+
+
+# what torch.load(weights_only=True) may build besides tensors, containers and plain values
+CHECKPOINT_SAFE_TYPES = [argparse.Namespace, *_numpy_scalar_types()]
 
 
 def load_checkpoint(path):
     """``torch.load`` with ``weights_only=True``: tensors, containers and plain values only, plus
-    ``argparse.Namespace``, the one extra type release checkpoints carry (their ``args``)."""
+    ``argparse.Namespace`` (the release's ``args``) and numpy scalars (the lr values in the release's
+    optimizer state). Never ``weights_only=False``: loading a file must not run pickled code."""
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint {path} does not exist; check the path given to --resume/--finetune")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals(CHECKPOINT_SAFE_TYPES):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         # torch's weights_only failures wrap the real reason (e.g. "Unsupported operand 44" for random
