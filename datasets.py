@@ -302,7 +302,10 @@ class DemoImages(Dataset):
 
 
 def _check_data_path(data_path):
-    if not data_path or not os.path.exists(data_path):
+    if not data_path:
+        raise UsageError("--data_path is not set and so does not exist; point it at an ImageNet-style folder "
+                         "(class subfolders of images) or use --data_set demo")
+    if not os.path.exists(data_path):
         raise UsageError(
             f"--data_path {data_path} does not exist; point it at an ImageNet-style folder "
             f"(class subfolders of images) or use --data_set demo"
