@@ -1,0 +1,1 @@
+"""ADE20K semantic segmentation with the BootMAE backbone on mmsegmentation 1.x (see README)."""
