@@ -1,5 +1,4 @@
 """One BootMAE pretraining epoch, its losses and its per-epoch schedules."""
-import math
 import time
 
 import torch

@@ -12,7 +12,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from timm.models import create_model
 from timm.utils import ModelEmaV3
@@ -21,7 +20,7 @@ import eval_knn
 import modeling_bootmae  # noqa: F401  (registers the bootmae_* models with timm)
 import utils
 from datasets import mean_std, build_pretraining_dataset
-from engine_for_pretraining import NonFiniteLossError, normalized_pixel_target, train_one_epoch, unpatchify
+from engine_for_pretraining import NonFiniteLossError, patchify, train_one_epoch, unpatchify
 from modeling_bootmae import from_release_state_dict, is_release_state_dict
 from optim_factory import create_optimizer
 
@@ -237,7 +236,6 @@ def save_reconstruction(args, model, dataset, device, path, num_images=4):
     pixel_pred, _ = model(images, mask)
     P = model.patch_size
     grid = model.grid_size(images)
-    from engine_for_pretraining import patchify
     patches = patchify(images, P).reshape(*mask.shape, P * P, 3)
     mean, std = patches.mean(2, keepdim=True), (patches.var(2, unbiased=False, keepdim=True) + 1e-5).sqrt()
     recon = (pixel_pred.float().reshape_as(patches) * std + mean).flatten(2)

@@ -300,5 +300,6 @@ def load_pretrained_encoder(model, path, model_key="model|module"):
     print0(f"loaded {len(loaded)} encoder tensors from {path} (entry '{model_key}')")
     print0(f"  newly initialised (not in the checkpoint): {', '.join(missing) or 'none'}")
     if unused:
-        print0(f"  in the checkpoint but not used: {', '.join(unused)}")
+        shown = ", ".join(unused[:8]) + (f", ... ({len(unused) - 8} more)" if len(unused) > 8 else "")
+        print0(f"  in the checkpoint but not used ({len(unused)}): {shown}")
     return loaded, missing, unused
