@@ -90,12 +90,17 @@ class NonFiniteLossError(RuntimeError):
 
 
 def train_one_epoch(model, momentum_encoder, data_loader, optimizer, loss_scaler, device, epoch,
-                    lr_schedule, wd_schedule, args, log_writer=None, amp_dtype=None):
+                    lr_schedule, wd_schedule, args, log_writer=None, amp_dtype=None, target_fn=None):
     """One epoch. ``model`` may be DDP-wrapped; ``momentum_encoder`` is a timm ``ModelEmaV3`` of the
-    unwrapped model (or None: pixel loss only). ``lr_schedule``/``wd_schedule`` are per-step arrays indexed
+    unwrapped model (or None: pixel loss only); ``target_fn`` (default: its ``target_features``) computes the
+    feature targets, e.g. a compiled version of it. ``lr_schedule``/``wd_schedule`` are per-step arrays indexed
     by the global optimisation step, so a resumed run continues them exactly."""
     model.train()
-    unwrapped = model.module if hasattr(model, "module") else model
+    # the plain module under torch.compile (``_orig_mod``) and DDP (``module``) wrappers
+    unwrapped = getattr(model, "_orig_mod", model)
+    unwrapped = getattr(unwrapped, "module", unwrapped)
+    if momentum_encoder is not None and target_fn is None:
+        target_fn = momentum_encoder.module.target_features
     patch_size = unwrapped.patch_size
     update_freq = args.update_freq
     steps_per_epoch = len(data_loader) // update_freq
@@ -126,7 +131,7 @@ def train_one_epoch(model, momentum_encoder, data_loader, optimizer, loss_scaler
         images = images.to(device, non_blocking=True)
         mask = mask.to(device, non_blocking=True).flatten(1)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            target = momentum_encoder.module.target_features(images) if use_targets else None
+            target = target_fn(images) if use_targets else None
             pixel_pred, feature_pred = model(images, mask, num_masked)
         pixel_loss, feature_loss = bootmae_loss(pixel_pred, feature_pred, target, images, mask, patch_size,
                                                 args.weight_mask)

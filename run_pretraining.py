@@ -73,6 +73,8 @@ def get_args_parser():
     p.add_argument("--weight_decay", default=0.05, type=float)
     p.add_argument("--weight_decay_end", default=None, type=float, help="cosine weight decay end (default: constant)")
     p.add_argument("--clip_grad", default=None, type=float, help="gradient norm clip (default: none)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the online model and the momentum encoder's forward (same mathematics)")
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
                    help="autocast precision (default: bf16 on CUDA if supported, else fp16; none on CPU)")
 
@@ -288,6 +290,12 @@ def main(args):
     # after the DDP wrap, which broadcasts rank 0's initial weights: every rank's momentum encoder must
     # start from those, not from its own (differently seeded) initialisation
     momentum_encoder = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
+    target_fn = None
+    if args.compile:
+        # the EMA update reads the uncompiled module's tensors, which the compiled graphs share
+        model_ddp = torch.compile(model_ddp)
+        if momentum_encoder is not None:
+            target_fn = torch.compile(momentum_encoder.module.target_features)
 
     # optimisation
     total_batch = args.batch_size * args.update_freq * world
@@ -321,7 +329,7 @@ def main(args):
         utils.seed_everything(args.seed + 1000003 * epoch + rank)
         sampler.set_epoch(epoch)
         stats = train_one_epoch(model_ddp, momentum_encoder, loader, optimizer, loss_scaler, device, epoch,
-                                lr_schedule, wd_schedule, args, log_writer, amp_dtype)
+                                lr_schedule, wd_schedule, args, log_writer, amp_dtype, target_fn)
         save_checkpoint(args, epoch, model, momentum_encoder, optimizer, loss_scaler)
         record = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
         if knn_monitor is not None:
