@@ -48,7 +48,7 @@ BOOTMAE_STD = (0.5, 0.5, 0.5)
 IMAGENET_MEAN = tuple(IMAGENET_DEFAULT_MEAN)
 IMAGENET_STD = tuple(IMAGENET_DEFAULT_STD)
 
-DATA_SETS = ("image_folder", "cifar10", "cifar100", "demo")
+DATA_SETS = ("image_folder", "cifar10", "cifar100", "npz", "demo")
 
 # After this many unreadable files in a row the folder is not a usable image
 # dataset (wrong path, files still being copied, ...), and skipping on would
@@ -376,6 +376,11 @@ def build_pretraining_dataset(args):
         return _build_image_folder(data_path, transform)
     if data_set in _CIFAR:
         return _build_cifar(data_set, data_path, transform)
+    if data_set == "npz":
+        path = os.path.join(data_path or ".", "train.npz")
+        if not os.path.isfile(path):
+            raise UsageError(f"--data_set npz expects {path}; give --data_path the folder holding train.npz")
+        return LabelDroppedDataset(NpzImages(path, transform))
     return DemoImages(transform, size=getattr(args, "demo_size", 2048))
 
 

@@ -79,7 +79,8 @@ def get_args_parser():
                    help="autocast precision (default: bf16 on CUDA if supported, else fp16; none on CPU)")
 
     # data
-    p.add_argument("--data_set", default="image_folder", choices=["image_folder", "cifar10", "cifar100", "demo"])
+    p.add_argument("--data_set", default="image_folder", choices=["image_folder", "cifar10", "cifar100", "npz", "demo"],
+                   help="npz: --data_path holds train.npz with arrays images [n, H, W, 3] uint8 and labels")
     p.add_argument("--data_path", default=None, type=str, help="ImageNet-style folder (its train/ is used)")
     p.add_argument("--demo_size", default=2048, type=int, help="samples per epoch of --data_set demo")
     p.add_argument("--imagenet_default_mean_and_std", action="store_true",

@@ -412,3 +412,21 @@ def test_dataloader_workers_skip_corrupt_files(tmp_path):
         assert (mask.sum(dim=1) == MASK_NUM).all()
         total += imgs.shape[0]
     assert total == len(ds) == 6
+
+
+def test_npz_pretraining_and_labelled(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(12, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(12) % 3
+    np.savez(tmp_path / "train.npz", images=images, labels=labels)
+    np.savez(tmp_path / "test.npz", images=images[:6], labels=labels[:6])
+    args = _args(data_set="npz", data_path=str(tmp_path), input_size=32, patch_size=4, mask_num=48,
+                 num_mask_patches=39, min_mask_patches_per_block=4, max_mask_patches_per_block=16)
+    ds = datasets.build_pretraining_dataset(args)
+    img, mask = ds[5]
+    assert len(ds) == 12 and img.shape == (3, 32, 32) and int(mask.sum()) == 48
+    assert ds.targets == list(labels)
+    val, n = datasets.build_dataset(False, args)
+    assert n == 3 and len(val) == 6 and val[4][1] == 1
+    with pytest.raises(UsageError, match="train.npz"):
+        datasets.build_pretraining_dataset(_args(data_set="npz", data_path=str(tmp_path / "none")))
