@@ -5,8 +5,9 @@ import torch
 def param_groups(model, weight_decay, skip_list=(), layer_id_fn=None, layer_decay=None, num_layers=None):
     """Parameter groups as the release builds them: no weight decay on 1-D parameters (norms, q/v biases),
     on biases and on the names in ``skip_list`` (cls token, position embedding); everything else, the 3-D
-    mask tokens included, decays. With ``layer_id_fn`` and ``layer_decay``, each group also carries
-    ``lr_scale = layer_decay ** (num_layers + 1 - layer_id)`` (BEiT's layer-wise decay)."""
+    mask tokens included, decays. With ``layer_id_fn`` each group also records its ``layer_id``, and with
+    ``layer_decay`` it carries ``lr_scale = layer_decay ** (num_layers + 1 - layer_id)`` (BEiT's layer-wise
+    decay); the training loops multiply the scheduled lr by ``lr_scale``."""
     groups = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -17,20 +18,44 @@ def param_groups(model, weight_decay, skip_list=(), layer_id_fn=None, layer_deca
         key = decay_name if layer_id is None else f"layer_{layer_id}_{decay_name}"
         if key not in groups:
             group = {"params": [], "param_names": [], "weight_decay": 0.0 if no_decay else weight_decay}
-            if layer_id is not None and layer_decay is not None:
-                group["lr_scale"] = layer_decay ** (num_layers + 1 - layer_id)
+            if layer_id is not None:
+                group["layer_id"] = layer_id
+                if layer_decay is not None:
+                    group["lr_scale"] = float(layer_decay ** (num_layers + 1 - layer_id))
             groups[key] = group
         groups[key]["params"].append(param)
         groups[key]["param_names"].append(name)
     return list(groups.values())
 
 
+def layer_decay_param_groups(model, weight_decay, layer_decay, backbone_decay=1.0, skip_list=None):
+    """Fine-tuning groups of a ``VisionTransformerForClassification``: the release's weight-decay split and
+    BEiT's layer-wise lr decay, layer ids from ``modeling_bootmae.encoder_layer_id`` (0: patch embedding and
+    cls token, b + 1: block b, L + 1: fc_norm/norm and head). ``lr_scale`` is
+    ``layer_decay ** (L + 1 - layer_id)``, times ``backbone_decay`` for the encoder (layer ids 0..L), as the
+    release's ``--backbone_decay`` does; the head's scale is 1. Groups keep ``param_names`` (pop it before
+    handing them to an optimizer)."""
+    from modeling_bootmae import encoder_layer_id
+    num_layers = len(model.blocks)
+    skip = set(skip_list if skip_list is not None else getattr(model, "no_weight_decay", set)())
+    groups = param_groups(model, weight_decay, skip, layer_id_fn=lambda n: encoder_layer_id(n, num_layers),
+                          layer_decay=layer_decay, num_layers=num_layers)
+    for group in groups:
+        if group["layer_id"] <= num_layers:
+            group["lr_scale"] *= backbone_decay
+    return groups
+
+
+def adamw(groups, lr, betas=(0.9, 0.999), eps=1e-8):
+    """torch AdamW over prepared groups (``param_names`` dropped); the fused CUDA kernel on GPUs (same update,
+    fewer launches)."""
+    groups = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
+    fused = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
+
+
 def create_optimizer(args, model, skip_list=None, betas=(0.9, 0.95), **group_kwargs):
-    """AdamW over ``param_groups``; betas (0.9, 0.95) as the release hard-wires for pretraining. The fused
-    CUDA kernel is used on GPUs (same update, fewer launches)."""
+    """AdamW over ``param_groups``; betas (0.9, 0.95) as the release hard-wires for pretraining."""
     skip = set(skip_list if skip_list is not None else getattr(model, "no_weight_decay", set)())
     groups = param_groups(model, args.weight_decay, skip, **group_kwargs)
-    for g in groups:
-        g.pop("param_names")
-    fused = all(p.is_cuda for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=args.lr, betas=betas, eps=getattr(args, "opt_eps", 1e-8), fused=fused)
+    return adamw(groups, args.lr, betas, getattr(args, "opt_eps", 1e-8))

@@ -1,0 +1,161 @@
+"""One fine-tuning epoch (plain DDP + autocast, or a DeepSpeed engine) and top-1/top-5 evaluation."""
+import time
+
+import torch
+import torch.nn as nn
+from timm.utils import accuracy
+
+import utils
+from engine_for_pretraining import NonFiniteLossError
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Every ``world``-th index from ``rank``, in order, with no padding: the shards of all ranks together
+    hold each sample exactly once, so summed counts give the exact accuracy whatever the set's size
+    (``DistributedSampler`` pads with repeated samples, which changes the accuracy when the size is not a
+    multiple of the number of processes)."""
+
+    def __init__(self, dataset, rank, world):
+        self.indices = list(range(rank, len(dataset), world))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def set_schedules(optimizer, lr, weight_decay):
+    """Scheduled lr times each group's ``lr_scale`` (layer-wise decay); the scheduled weight decay on the
+    groups that decay. Python floats: optimizer state goes into checkpoints loaded with weights_only=True,
+    which refuses numpy scalars."""
+    for group in optimizer.param_groups:
+        group["lr"] = float(lr) * group.get("lr_scale", 1.0)
+        if group["weight_decay"] > 0:
+            group["weight_decay"] = float(weight_decay)
+
+
+def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, args, lr_schedule, wd_schedule,
+                    loss_scaler=None, model_ema=None, mixup_fn=None, log_writer=None, amp_dtype=None,
+                    deepspeed_engine=False, input_dtype=None):
+    """One epoch over ``data_loader``.
+
+    ``model`` is the (possibly DDP-wrapped) classifier with ``loss_scaler`` a ``utils.LossScaler``, or with
+    ``deepspeed_engine=True`` a DeepSpeed engine (which owns precision, accumulation and clipping;
+    ``input_dtype`` is its parameters' dtype). ``model_ema`` (timm ``ModelEmaV3`` of the unwrapped model)
+    is updated after each optimizer step. ``lr_schedule``/``wd_schedule`` are per-step arrays indexed by
+    the global optimisation step, so a resumed run continues them exactly.
+    """
+    model.train()
+    unwrapped = model.module if hasattr(model, "module") else model
+    update_freq = args.update_freq
+    steps_per_epoch = len(data_loader) // update_freq
+    names = ["loss", "grad_norm"] + ([] if mixup_fn is not None else ["class_acc"])
+    logger = utils.StepLogger(device, names, log_writer)
+    # first non-finite step, kept on the device so that no step waits for a host sync
+    bad_step = torch.full((), -1.0, device=device)
+    header = f"Epoch: [{epoch}]"
+    start = time.time()
+    if not deepspeed_engine:
+        optimizer.zero_grad(set_to_none=True)
+    for data_iter, (samples, targets) in enumerate(data_loader):
+        step = data_iter // update_freq
+        if step >= steps_per_epoch:
+            break
+        it = epoch * steps_per_epoch + step
+        if data_iter % update_freq == 0:
+            set_schedules(optimizer, lr_schedule[it], wd_schedule[it])
+        samples = samples.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if mixup_fn is not None:
+            samples, targets = mixup_fn(samples, targets)
+        update = (data_iter + 1) % update_freq == 0
+        if deepspeed_engine:
+            outputs = model(samples.to(input_dtype))
+            loss = criterion(outputs.float(), targets)
+            # the engine divides the loss by the accumulation steps and steps only on the boundary
+            model.backward(loss)
+            model.step()
+            grad_norm = None
+            if update:
+                norm = model.get_global_grad_norm()
+                grad_norm = None if norm is None else torch.as_tensor(float(norm), device=device)
+        else:
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                outputs = model(samples)
+            loss = criterion(outputs.float(), targets)
+            grad_norm = loss_scaler(loss / update_freq, optimizer, parameters=model.parameters(),
+                                    clip_grad=args.clip_grad, update_grad=update,
+                                    sync=update or not hasattr(model, "no_sync"), model=model)
+            if update:
+                optimizer.zero_grad(set_to_none=True)
+        if update and model_ema is not None:
+            model_ema.update(unwrapped)
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()),
+                               torch.tensor(float(it), device=device), bad_step)
+        class_acc = None
+        if mixup_fn is None:
+            class_acc = (outputs.detach().argmax(-1) == targets).float().mean()
+        logger.add(loss=loss.detach(), grad_norm=grad_norm, class_acc=class_acc)
+        last = data_iter + 1 == steps_per_epoch * update_freq
+        if update and (step % args.print_freq == 0 or last):
+            if bad_step.item() >= 0:
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {int(bad_step.item())} (epoch {epoch}); lower --lr, set "
+                    f"--clip_grad, or use --amp bf16/none")
+            means = logger.flush(it)
+            elapsed = time.time() - start
+            eta = elapsed / (step + 1) * (steps_per_epoch - step - 1)
+            lrs = [g["lr"] for g in optimizer.param_groups]
+            if log_writer is not None:
+                log_writer.add_scalar("opt/lr", max(lrs), it)
+                log_writer.add_scalar("opt/min_lr", min(lrs), it)
+            acc = f"  class_acc {means['class_acc']:.4f}" if "class_acc" in means else ""
+            utils.print0(f"{header} [{step + 1:>{len(str(steps_per_epoch))}}/{steps_per_epoch}] "
+                         f"eta {utils.format_seconds(eta)}  lr {max(lrs):.3e} (min {min(lrs):.3e})  "
+                         f"loss {means['loss']:.4f}{acc}  grad_norm {means['grad_norm']:.3f}  "
+                         f"{elapsed / (step + 1):.3f} s/step")
+    stats = logger.epoch_means()
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    stats.update(lr=max(lrs), min_lr=min(lrs),
+                 weight_decay=max((g["weight_decay"] for g in optimizer.param_groups), default=0.0))
+    return stats
+
+
+@torch.no_grad()
+def evaluate(data_loader, model, device=None, amp_dtype=None, distributed=False):
+    """Top-1 / top-5 accuracy (in %) and mean cross-entropy over ``data_loader``.
+
+    Correct predictions are counted as integers (timm's ``accuracy`` per batch, times the batch size), so
+    the result does not depend on how the set is split into batches or, with ``distributed`` (each rank
+    holds a ``ShardSampler`` shard), into processes: the counts are summed over ranks. The model runs on
+    its parameters' device and in their dtype (``device`` is accepted for the release's call signature),
+    under autocast when ``amp_dtype`` is set.
+    """
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    # inputs follow the model: an EMA kept on the CPU (--model_ema_force_cpu) is evaluated there
+    param = next(model.parameters())
+    device, input_dtype = param.device, param.dtype
+    # loss sum, top-1 count, top-5 count, samples; float64 keeps the counts exact
+    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    for images, target in data_loader:
+        images = images.to(device, non_blocking=True).to(input_dtype)
+        target = target.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            output = model(images)
+        output = output.float()
+        acc1, acc5 = accuracy(output, target, topk=(1, 5))
+        n = target.shape[0]
+        totals += torch.stack([criterion(output, target).double(), torch.round(acc1.double() * n / 100),
+                               torch.round(acc5.double() * n / 100), torch.tensor(float(n), device=device,
+                                                                                  dtype=torch.float64)])
+    if distributed and utils.is_dist():
+        if torch.distributed.get_backend() == "nccl" and totals.device.type != "cuda":
+            # NCCL reduces only CUDA tensors (an EMA kept on the CPU counts there)
+            totals = totals.to(torch.device("cuda", torch.cuda.current_device()))
+        torch.distributed.all_reduce(totals)
+    loss_sum, correct1, correct5, count = totals.tolist()
+    count = max(count, 1.0)
+    return {"acc1": 100.0 * correct1 / count, "acc5": 100.0 * correct5 / count, "loss": loss_sum / count,
+            "correct1": int(correct1), "num_images": int(count)}

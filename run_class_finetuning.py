@@ -1,0 +1,666 @@
+"""BootMAE fine-tuning and evaluation for image classification (BEiT's recipe, the release's flags).
+
+    python run_class_finetuning.py --model bootmae_base_patch16_224 --finetune pretrain/checkpoint-799.pth \
+        --data_path /path/to/imagenet --output_dir out/ [flags]
+    torchrun --nproc_per_node 8 run_class_finetuning.py ...        (one or several nodes; srun works too)
+    python run_class_finetuning.py --eval --resume out/checkpoint-best.pth --data_path ...
+
+The encoder (``modeling_bootmae.VisionTransformerForClassification``) is loaded from a pretraining
+checkpoint, ours or the release's (``--model_key model`` is the online encoder). ``--lr`` is absolute: the
+release's fine-tuning does not scale it by the batch (its 5e-3 for ViT-B is for a total batch of 2048).
+See README.md, section Fine-tuning.
+"""
+import argparse
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+
+import torch
+from timm.data import Mixup, create_transform
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models import create_model
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+from torchvision import transforms
+
+import datasets
+import modeling_bootmae
+import utils
+from engine_for_finetuning import ShardSampler, evaluate, train_one_epoch
+from engine_for_pretraining import NonFiniteLossError
+from optim_factory import adamw, layer_decay_param_groups
+
+# the classifiers registered by modeling_bootmae, by size
+CLASSIFIERS = {f"bootmae_{size}_patch{cfg['patch_size']}_224": size for size, cfg in modeling_bootmae.MODEL_SIZES.items()}
+# the release's --data_set names
+DATA_SET_ALIASES = {"IMNET": "image_folder", "CIFAR": "cifar100"}
+# where DeepSpeed's own checkpoints go, inside --output_dir
+DEEPSPEED_DIR = "deepspeed"
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("BootMAE fine-tuning", add_help=False)
+    p.add_argument("--batch_size", default=64, type=int, help="images per process and step")
+    p.add_argument("--epochs", default=30, type=int)
+    p.add_argument("--update_freq", default=1, type=int, help="gradient accumulation steps")
+    p.add_argument("--save_ckpt_freq", default=5, type=int,
+                   help="also keep checkpoint-N.pth every N epochs (0: only checkpoint-last/-best.pth)")
+    p.add_argument("--print_freq", default=10, type=int, help="steps between log lines (the only host syncs)")
+
+    # model
+    p.add_argument("--model", default="bootmae_base_patch16_224", type=str, help=", ".join(CLASSIFIERS))
+    p.add_argument("--input_size", default=224, type=int, help="image side in pixels")
+    p.add_argument("--patch_size", default=None, type=int,
+                   help="patch side (default: the model's); must match the pretraining checkpoint's")
+    p.add_argument("--drop", default=0.0, type=float, help="dropout rate")
+    p.add_argument("--attn_drop_rate", default=0.0, type=float, help="attention dropout rate")
+    p.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth rate")
+    p.add_argument("--init_scale", default=0.001, type=float, help="scale of the head's trunc-normal(0.02) init")
+    p.add_argument("--use_mean_pooling", action="store_true", default=True,
+                   help="mean of the patch tokens + fc_norm (default, the release's)")
+    p.add_argument("--use_cls", action="store_false", dest="use_mean_pooling", help="cls token after the norm")
+    # the release's command lines pass these; sin-cos absolute positions without relative bias and without
+    # layer scale are what its fine-tuning model does, and the only behaviour here
+    p.add_argument("--abs_pos_emb", action="store_true", help="accepted; the fixed sin-cos table is always used")
+    p.add_argument("--rel_pos_bias", action="store_true", help="not supported (BootMAE has no relative bias)")
+    p.add_argument("--disable_rel_pos_bias", action="store_false", dest="rel_pos_bias", help="accepted (default)")
+    p.add_argument("--layer_scale_init_value", default=None, help="accepted; no effect (the release's blocks "
+                                                                      "are built without layer scale)")
+    p.add_argument("--disable_eval_during_finetuning", action="store_true")
+    p.add_argument("--eval_all", action="store_true", help="accepted; every epoch is evaluated anyway")
+
+    # model EMA
+    p.add_argument("--model_ema", action="store_true", help="keep an EMA of the weights, evaluated every epoch")
+    p.add_argument("--model_ema_decay", default=0.9999, type=float, help="the release's recipes use 0.9998")
+    p.add_argument("--model_ema_force_cpu", action="store_true")
+
+    # optimisation
+    p.add_argument("--opt", default="adamw", choices=["adamw"])
+    p.add_argument("--opt_eps", default=1e-8, type=float)
+    p.add_argument("--opt_betas", default=None, type=float, nargs=2, help="default 0.9 0.999")
+    p.add_argument("--clip_grad", default=None, type=float, help="gradient norm clip (default: none)")
+    p.add_argument("--weight_decay", default=0.05, type=float)
+    p.add_argument("--weight_decay_end", default=None, type=float, help="cosine weight decay end (default: constant)")
+    p.add_argument("--lr", default=5e-4, type=float,
+                   help="peak lr, absolute (not scaled by the batch, as in the release's fine-tuning)")
+    p.add_argument("--layer_decay", default=0.9, type=float,
+                   help="layer-wise lr decay (release recipes: 0.6 ViT-B, 0.75 ViT-L)")
+    p.add_argument("--backbone_decay", default=1.0, type=float, help="extra lr factor of all encoder layers")
+    p.add_argument("--warmup_lr", default=0.0, type=float,
+                   help="lr at the start of warm-up (the release's warm-up starts at 0)")
+    p.add_argument("--min_lr", default=1e-6, type=float, help="final lr of the cosine")
+    p.add_argument("--warmup_epochs", default=5, type=int)
+    p.add_argument("--warmup_steps", default=-1, type=int, help="warm-up in steps; overrides --warmup_epochs if > 0")
+    p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
+                   help="precision (default: bf16 on CUDA if supported, else fp16; none on CPU)")
+
+    # augmentation
+    p.add_argument("--color_jitter", default=0.4, type=float, help="(unused when --aa is set, as in timm)")
+    p.add_argument("--aa", default="rand-m9-mstd0.5-inc1", type=str, help="timm auto-augment policy; 'none' for off")
+    p.add_argument("--smoothing", default=0.1, type=float, help="label smoothing")
+    p.add_argument("--train_interpolation", default="bicubic", type=str)
+    p.add_argument("--crop_pct", default=None, type=float,
+                   help="evaluation centre crop (default 224/256 below 384 px, 1.0 from 384 px and at 32 px)")
+    p.add_argument("--reprob", default=0.25, type=float, help="random erasing probability")
+    p.add_argument("--remode", default="pixel", type=str, help="random erasing mode")
+    p.add_argument("--recount", default=1, type=int, help="random erasing count")
+    p.add_argument("--resplit", action="store_true", help="accepted; no augmentation splits are used")
+    p.add_argument("--mixup", default=0.0, type=float, help="mixup alpha (on if > 0)")
+    p.add_argument("--cutmix", default=0.0, type=float, help="cutmix alpha (on if > 0)")
+    p.add_argument("--cutmix_minmax", default=None, type=float, nargs="+", help="cutmix min/max ratio")
+    p.add_argument("--mixup_prob", default=1.0, type=float)
+    p.add_argument("--mixup_switch_prob", default=0.5, type=float)
+    p.add_argument("--mixup_mode", default="batch", choices=["batch", "pair", "elem"])
+
+    # initialisation
+    p.add_argument("--finetune", default="", help="pretraining checkpoint (ours or the release's) for the encoder")
+    p.add_argument("--model_key", default="model|module", type=str,
+                   help="checkpoint entry holding the weights, alternatives separated by '|' (model: online "
+                        "encoder; model_ema: momentum encoder)")
+
+    # data
+    p.add_argument("--data_set", default="image_folder",
+                   choices=list(datasets.EVAL_DATA_SETS) + list(DATA_SET_ALIASES))
+    p.add_argument("--data_path", default=None, type=str, help="folder with train/ and val/ (ImageNet layout)")
+    p.add_argument("--nb_classes", default=0, type=int, help="head outputs (0: the number of classes in the data)")
+    p.add_argument("--demo_size", default=2048, type=int, help="samples per epoch of --data_set demo")
+    p.add_argument("--imagenet_default_mean_and_std", action="store_true",
+                   help="normalise with ImageNet's mean/std instead of the release's 0.5/0.5")
+    p.add_argument("--num_workers", default=10, type=int)
+    p.add_argument("--pin_mem", action="store_true", default=True)
+    p.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+
+    # run
+    p.add_argument("--output_dir", default="", help="checkpoints, log.txt, TensorBoard events")
+    p.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", default=0, type=int)
+    p.add_argument("--resume", default="", help="checkpoint to resume from or, with --eval, to evaluate")
+    p.add_argument("--auto_resume", action="store_true", default=True)
+    p.add_argument("--no_auto_resume", action="store_false", dest="auto_resume")
+    p.add_argument("--save_ckpt", action="store_true", default=True)
+    p.add_argument("--no_save_ckpt", action="store_false", dest="save_ckpt")
+    p.add_argument("--start_epoch", default=0, type=int)
+    p.add_argument("--eval", action="store_true", help="evaluate the --resume checkpoint and exit")
+    p.add_argument("--dist_eval", action="store_true", help="split evaluation over the processes")
+    p.add_argument("--enable_deepspeed", action="store_true", help="train through a DeepSpeed engine")
+    p.add_argument("--zero_stage", default=0, type=int, choices=[0, 1, 2], help="DeepSpeed ZeRO stage")
+    p.add_argument("--local_rank", "--local-rank", default=-1, type=int,
+                   help="set by torch.distributed.launch; LOCAL_RANK from the environment is what is used")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checks, before anything is built or written
+
+def check_args(args):
+    args.data_set = DATA_SET_ALIASES.get(args.data_set, args.data_set)
+    if args.model not in CLASSIFIERS:
+        hint = f" (the classifier of {args.model} is {args.model}_patch16_224)" if args.model in (
+            f"bootmae_{s}" for s in modeling_bootmae.MODEL_SIZES) else ""
+        raise utils.UsageError(f"unknown --model {args.model}{hint}; choose one of {', '.join(CLASSIFIERS)}")
+    patch = args.patch_size or modeling_bootmae.MODEL_SIZES[CLASSIFIERS[args.model]]["patch_size"]
+    if args.input_size % patch:
+        raise utils.UsageError(f"--input_size {args.input_size} is not divisible by the patch size {patch}; use a "
+                               f"multiple of {patch} (or --patch_size)")
+    args.patch_size = patch
+    if args.rel_pos_bias:
+        raise utils.UsageError("--rel_pos_bias is not supported: BootMAE's encoder uses fixed sin-cos absolute "
+                               "positions only (the release's recipes pass --disable_rel_pos_bias)")
+    if args.batch_size < 1 or args.update_freq < 1 or args.epochs < 1:
+        raise utils.UsageError("--batch_size, --update_freq and --epochs must be at least 1")
+    if args.nb_classes < 0:
+        raise utils.UsageError(f"--nb_classes {args.nb_classes} is negative; give the number of classes or 0")
+    if mixup_active(args) and args.batch_size % 2 and not args.eval:
+        raise utils.UsageError(f"mixup/cutmix needs an even --batch_size (got {args.batch_size}): it mixes each "
+                               f"image with the batch in reverse order")
+    for flag in ("finetune", "resume"):
+        path = getattr(args, flag)
+        if path and not os.path.isfile(path):
+            raise utils.UsageError(f"--{flag} {path} does not exist; give the path of a checkpoint (.pth) file")
+    if args.enable_deepspeed and not args.eval and importlib.util.find_spec("deepspeed") is None:
+        raise utils.UsageError("--enable_deepspeed needs DeepSpeed, which is not installed: run "
+                               ".venv/bin/python -m pip install deepspeed, or drop the flag (DDP + autocast "
+                               "trains the same recipe)")
+    if args.crop_pct is None and args.input_size <= 32:
+        # the release evaluates 32 px inputs (CIFAR) without resize and crop; Resize(32) + CenterCrop(32) of a
+        # 32 px image is exactly that, and still gives 32 px for larger images
+        args.crop_pct = 1.0
+
+
+def mixup_active(args):
+    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
+
+
+def resolve_amp(args, device):
+    if args.amp is None:
+        if device.type == "cuda":
+            args.amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            args.amp = "none"
+    if args.amp == "fp16" and device.type != "cuda":
+        raise utils.UsageError("--amp fp16 needs a CUDA device; use --amp bf16 or none on CPU")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data
+
+def build_train_transform(args):
+    """timm's training pipeline with the release's flags (RandAugment, random erasing, bicubic
+    random-resized crop, flip), normalised by ``datasets.mean_std``. At 32 px and below the release
+    (following DeiT) replaces the random-resized crop by a random crop with 4 px padding."""
+    mean, std = datasets.mean_std(args)
+    aa = None if args.aa in (None, "", "none", "None") else args.aa
+    transform = create_transform(input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
+                                 auto_augment=aa, interpolation=args.train_interpolation, re_prob=args.reprob,
+                                 re_mode=args.remode, re_count=args.recount, mean=mean, std=std)
+    if args.input_size <= 32:
+        transform.transforms[0] = transforms.RandomCrop(args.input_size, padding=4)
+    return transform
+
+
+def check_nb_classes(args, found):
+    """``found``: [(set name, its number of classes)]. Labels run from 0, so a head with fewer outputs than
+    a set's classes cannot score every label; a larger head is allowed (unused outputs)."""
+    most = max(n for _, n in found)
+    if args.nb_classes == 0:
+        args.nb_classes = most
+        return
+    for name, n in found:
+        if n > args.nb_classes:
+            raise utils.UsageError(
+                f"--nb_classes {args.nb_classes} is too small for the data: the {name} set of --data_set "
+                f"{args.data_set} has {n} classes (labels 0..{n - 1}); set --nb_classes {n}, or 0 to take it "
+                f"from the data")
+    if args.nb_classes > most:
+        utils.print0(f"note: --nb_classes {args.nb_classes} is more than the {most} classes in the data; the extra "
+                     f"head outputs are never a target")
+
+
+def build_loaders(args, device):
+    world, rank = utils.get_world_size(), utils.get_rank()
+    pin = args.pin_mem and device.type == "cuda"
+    found = []
+    train_loader = val_loader = None
+    train_set = val_set = None
+    if not args.eval:
+        train_set, n = datasets.build_dataset(True, args, transform=build_train_transform(args))
+        found.append(("training", n))
+    if args.eval or not args.disable_eval_during_finetuning:
+        val_set, n = datasets.build_dataset(False, args)
+        found.append(("validation", n))
+    check_nb_classes(args, found)
+    if train_set is not None:
+        sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
+                                                      seed=args.seed)
+        train_loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=args.batch_size,
+                                                   num_workers=args.num_workers, pin_memory=pin, drop_last=True)
+        if len(train_loader) // args.update_freq == 0:
+            raise utils.UsageError(f"{len(train_set)} training images over {world} process(es) give no full step of "
+                                   f"--batch_size {args.batch_size} x --update_freq {args.update_freq}; lower them")
+    if val_set is not None:
+        sampler = ShardSampler(val_set, rank, world) if args.dist_eval else torch.utils.data.SequentialSampler(val_set)
+        val_loader = torch.utils.data.DataLoader(val_set, sampler=sampler, batch_size=args.batch_size,
+                                                 num_workers=args.num_workers, pin_memory=pin, drop_last=False)
+    return train_set, train_loader, val_set, val_loader
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checkpoints
+
+def classifier_state(state_dict):
+    """A classifier state dict from a checkpoint's entry: ``module.`` prefixes removed and the release's
+    stored sin-cos table dropped (here it is a buffer recomputed from the input grid)."""
+    out = {}
+    for key, value in state_dict.items():
+        while key.startswith("module."):
+            key = key[len("module."):]
+        if key != "pos_embed":
+            out[key] = value
+    return out
+
+
+def load_classifier(model, state_dict, path, what="model"):
+    state = classifier_state(state_dict)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    bad = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or bad:
+        if bad:
+            k = bad[0]
+            detail = f"{k} is {tuple(state[k].shape)} in the checkpoint but {tuple(own[k].shape)} here"
+            if k.startswith("head."):
+                detail += f" (the checkpoint's head has {state[k].shape[0]} classes: set --nb_classes to it)"
+        elif unexpected and any(k.startswith(("pixel_decoder.", "feature_decoder.", "decode_blocks", "down."))
+                                for k in unexpected):
+            detail = "it is a pretraining checkpoint; pass it to --finetune, not --resume"
+        else:
+            detail = (f"{len(missing)} missing (e.g. {', '.join(missing[:3]) or '-'}), {len(unexpected)} unexpected "
+                      f"(e.g. {', '.join(unexpected[:3]) or '-'})")
+        raise utils.UsageError(f"{path}: its {what} does not fit --model {model.default_cfg_name}: {detail}")
+    model.load_state_dict(state)
+
+
+def find_resume(args):
+    path = args.resume
+    if not path and args.auto_resume and args.output_dir:
+        path = utils.find_last_checkpoint(args.output_dir)
+    if not path:
+        return None, None
+    ckpt = utils.load_checkpoint(path)
+    if isinstance(ckpt, dict) and not isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("module"), dict):
+        # the release's DeepSpeed runs saved the classifier as 'module' (mp_rank_00_model_states.pt)
+        ckpt = {**ckpt, "model": ckpt["module"]}
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise utils.UsageError(f"{path} has no 'model' entry; give a fine-tuning checkpoint (checkpoint-*.pth)")
+    return path, ckpt
+
+
+def _optimizer_state_fits(optimizer, state):
+    groups = state.get("param_groups", [])
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
+        return False
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    ids = [i for g in groups for i in g["params"]]
+    for pid, p in zip(ids, params):
+        s = state.get("state", {}).get(pid, {})
+        if "exp_avg" in s and s["exp_avg"].shape != p.shape:
+            return False
+    return True
+
+
+def load_optimizer_state(optimizer, ckpt, path):
+    if "optimizer" not in ckpt:
+        utils.print0(f"resume: {path} has no optimizer state (a DeepSpeed run's plain file, or weights only); "
+                     f"AdamW moments restart")
+        return
+    if not _optimizer_state_fits(optimizer, ckpt["optimizer"]):
+        utils.print0(f"resume: the optimizer state in {path} does not match this model's parameter groups; AdamW "
+                     f"moments restart")
+        return
+    # the checkpoint would also overwrite each group's lr_scale; keep the ones of this command line
+    scales = [(g.get("lr_scale"), g.get("layer_id")) for g in optimizer.param_groups]
+    optimizer.load_state_dict(ckpt["optimizer"])
+    for g, (scale, layer_id) in zip(optimizer.param_groups, scales):
+        if scale is not None:
+            g["lr_scale"] = scale
+        if layer_id is not None:
+            g["layer_id"] = layer_id
+
+
+def deepspeed_fp32_state(engine):
+    """The module's state dict with each parameter's fp32 master copy where DeepSpeed keeps one (ZeRO 1/2:
+    a collective, every rank calls it), else the module's own tensor; float32 on the CPU."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    state = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+    for name, param in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(param)
+        state[name] = (full if full is not None else param.detach()).float().cpu()
+    return state
+
+
+def save_checkpoints(args, epoch, model, optimizer, loss_scaler, model_ema, best, is_best, engine=None):
+    """checkpoint-last.pth every epoch, checkpoint-best.pth when the accuracy improved, checkpoint-<epoch>.pth
+    every --save_ckpt_freq epochs and at the end, each written atomically (utils.save_on_master).
+
+    Plain runs store model, optimizer, scaler, model_ema, epoch, best accuracy and args. DeepSpeed runs
+    first save the engine (ZeRO partitions, optimizer) under ``deepspeed/epoch-<epoch>/``, then the plain
+    files, with the fp32 weights and ``deepspeed_tag`` naming that folder: a plain file is written only after
+    its DeepSpeed state is complete, so the file that resume reads always points at a whole checkpoint."""
+    if not args.output_dir or not args.save_ckpt:
+        return
+    names = ["checkpoint-last.pth"] + (["checkpoint-best.pth"] if is_best else [])
+    if args.save_ckpt_freq > 0 and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs):
+        names.append(f"checkpoint-{epoch}.pth")
+    ckpt = {"epoch": epoch, "max_accuracy": best["acc1"], "best_epoch": best["epoch"], "args": args}
+    if engine is None:
+        ckpt.update(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=loss_scaler.state_dict())
+    else:
+        tag = f"epoch-{epoch}"
+        engine.save_checkpoint(os.path.join(args.output_dir, DEEPSPEED_DIR), tag=tag, client_state={"epoch": epoch})
+        ckpt.update(model=deepspeed_fp32_state(engine), deepspeed_tag=tag)
+    if model_ema is not None:
+        ckpt["model_ema"] = model_ema.module.state_dict()
+    for name in names:
+        utils.save_on_master(ckpt, os.path.join(args.output_dir, name))
+    if engine is not None:
+        if utils.is_dist():
+            torch.distributed.barrier()
+        if utils.is_main_process():
+            prune_deepspeed_tags(args.output_dir, keep_epochs={epoch, best["epoch"]})
+
+
+def prune_deepspeed_tags(output_dir, keep_epochs):
+    """Removes DeepSpeed folders no plain checkpoint refers to (the last, the best, the numbered ones)."""
+    keep = {f"epoch-{e}" for e in keep_epochs if e is not None}
+    for name in os.listdir(output_dir):
+        m = re.fullmatch(r"checkpoint-(\d+)\.pth", name)
+        if m:
+            keep.add(f"epoch-{int(m.group(1))}")
+    root = os.path.join(output_dir, DEEPSPEED_DIR)
+    for name in os.listdir(root):
+        if re.fullmatch(r"epoch-\d+", name) and name not in keep:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DeepSpeed
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def single_process_env():
+    """DeepSpeed needs a process group; run without a launcher it would look for MPI. One process started
+    directly gets the environment of a one-process torchrun instead (left alone under torchrun / srun)."""
+    env = os.environ
+    if ("RANK" in env and "WORLD_SIZE" in env) or int(env.get("SLURM_NTASKS", "1")) > 1:
+        return
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def deepspeed_config(args, device, world):
+    """The DeepSpeed configuration, built here rather than read from a file: the release's (AdamW, dynamic
+    fp16 loss scale with 2^7 start and window 128) with this run's batch, accumulation, clipping, ZeRO
+    stage and precision. The lr here is a placeholder: the training loop sets every group's lr (schedule x
+    lr_scale) before each step."""
+    betas = list(args.opt_betas or (0.9, 0.999))
+    # torch's AdamW (its fused kernel on CUDA) instead of DeepSpeed's FusedAdam: the same update, without
+    # FusedAdam's JIT build, which needs nvcc on GPUs and takes about 80 s on the CPU
+    params = {"lr": args.lr, "weight_decay": args.weight_decay, "betas": betas, "eps": args.opt_eps,
+              "torch_adam": True}
+    if device.type == "cuda":
+        params["fused"] = True
+    return {
+        "train_batch_size": args.batch_size * args.update_freq * world,
+        "train_micro_batch_size_per_gpu": args.batch_size,
+        "gradient_accumulation_steps": args.update_freq,
+        "optimizer": {"type": "AdamW", "params": params},
+        "bf16": {"enabled": args.amp == "bf16"},
+        "fp16": {"enabled": args.amp == "fp16", "loss_scale": 0, "initial_scale_power": 7, "loss_scale_window": 128},
+        "zero_optimization": {"stage": args.zero_stage},
+        "gradient_clipping": float(args.clip_grad or 0.0),
+        "steps_per_print": 1 << 30,  # the training loop logs
+        "wall_clock_breakdown": False,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def main(args):
+    check_args(args)
+    if args.enable_deepspeed and not args.eval:
+        single_process_env()
+    utils.init_distributed_mode(args)
+    device = torch.device(args.device)
+    amp_dtype = resolve_amp(args, device)
+    world, rank = utils.get_world_size(), utils.get_rank()
+    utils.print0("args: " + json.dumps(vars(args), default=str))
+
+    train_set, train_loader, val_set, val_loader = build_loaders(args, device)
+    utils.print0(f"data: {len(train_set) if train_set is not None else 0} training, "
+                 f"{len(val_set) if val_set is not None else 0} validation images, {args.nb_classes} classes")
+
+    # the same seed on every rank: identical heads, so the EMA copies agree before any broadcast
+    utils.seed_everything(args.seed)
+    model = create_model(args.model, img_size=args.input_size, patch_size=args.patch_size,
+                         num_classes=args.nb_classes, drop_rate=args.drop, attn_drop_rate=args.attn_drop_rate,
+                         drop_path_rate=args.drop_path, global_pool="avg" if args.use_mean_pooling else "token",
+                         init_scale=args.init_scale)
+    model.default_cfg_name = args.model
+    n_parameters = modeling_bootmae.count_trainable(model)
+    utils.print0(f"model: {args.model}, {n_parameters:,} trainable parameters, {args.input_size} px input in "
+                 f"{args.patch_size} px patches")
+
+    resume_path, ckpt = find_resume(args)
+    if args.eval and ckpt is None:
+        raise utils.UsageError("--eval needs the weights to evaluate: pass --resume <fine-tuned checkpoint> (or "
+                               "--output_dir of a run); --finetune loads only a pretrained encoder")
+    if ckpt is not None:
+        load_classifier(model, ckpt["model"], resume_path)
+        utils.print0(f"resume: model weights from {resume_path}"
+                     + (" (--finetune is not loaded when resuming)" if args.finetune else ""))
+    elif args.finetune:
+        utils.load_pretrained_encoder(model, args.finetune, args.model_key)
+    elif not args.eval:
+        utils.print0("note: no --finetune checkpoint; the encoder starts from random weights")
+    model.to(device)
+
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
+                               device=torch.device("cpu") if args.model_ema_force_cpu else None)
+        if ckpt is not None and isinstance(ckpt.get("model_ema"), dict):
+            load_classifier(model_ema.module, ckpt["model_ema"], resume_path, "model_ema")
+        elif ckpt is not None:
+            utils.print0(f"resume: {resume_path} has no model_ema; the EMA restarts from the model")
+    # DeepSpeed runs evaluate in the engine's dtype; --eval reproduces that to give the same numbers
+    ds_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp, torch.float32)
+    eval_amp = None if args.enable_deepspeed else amp_dtype
+
+    if args.eval:
+        model.to(ds_dtype if args.enable_deepspeed else torch.float32)
+        results = {"checkpoint": resume_path, **evaluate(val_loader, model, device, eval_amp, args.dist_eval)}
+        if model_ema is not None and "model_ema" in ckpt:
+            ema = evaluate(val_loader, model_ema.module, device, eval_amp, args.dist_eval)
+            results.update({f"ema_{k}": v for k, v in ema.items()})
+        utils.print0(f"* Acc@1 {results['acc1']:.3f} Acc@5 {results['acc5']:.3f} loss {results['loss']:.3f} "
+                     f"on {results['num_images']} images"
+                     + (f"  (EMA: Acc@1 {results['ema_acc1']:.3f})" if "ema_acc1" in results else ""))
+        utils.print0("eval: " + json.dumps(results))
+        return results
+
+    # optimisation
+    steps_per_epoch = len(train_loader) // args.update_freq
+    total_batch = args.batch_size * args.update_freq * world
+    groups = layer_decay_param_groups(model, args.weight_decay, args.layer_decay, args.backbone_decay)
+    scales = sorted({(g["layer_id"], g["lr_scale"]) for g in groups})
+    utils.print0(f"lr {args.lr:.3e} (absolute, total batch {total_batch}; the release's fine-tuning does not scale "
+                 f"it by the batch), {steps_per_epoch} steps per epoch; layer decay {args.layer_decay}: lr scale "
+                 + ", ".join(f"{i}:{s:.4g}" for i, s in scales))
+    warmup_epochs = args.warmup_steps / steps_per_epoch if args.warmup_steps > 0 else args.warmup_epochs
+    lr_schedule = utils.cosine_scheduler(args.lr, args.min_lr, args.epochs, steps_per_epoch, warmup_epochs,
+                                         args.warmup_lr)
+    wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
+    wd_schedule = utils.cosine_scheduler(args.weight_decay, wd_end, args.epochs, steps_per_epoch)
+    betas = tuple(args.opt_betas or (0.9, 0.999))
+
+    engine = None
+    loss_scaler = None
+    if args.enable_deepspeed:
+        import deepspeed
+        config = deepspeed_config(args, device, world)
+        for g in groups:
+            g.pop("param_names")
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
+        # DeepSpeed casts only the parameters to bf16/fp16; the fixed sin-cos table (a buffer) would promote
+        # the tokens back to fp32 ahead of half-precision LayerNorms. The release's model.half() cast it too.
+        for buf in engine.module.buffers():
+            if buf.is_floating_point():
+                buf.data = buf.data.to(ds_dtype)
+        if engine.gradient_accumulation_steps() != args.update_freq:
+            raise RuntimeError("DeepSpeed's accumulation steps differ from --update_freq")
+        train_model = engine
+        model_without_ddp = engine.module
+        if ckpt is not None and ckpt.get("deepspeed_tag"):
+            ds_dir = os.path.join(os.path.dirname(resume_path) or ".", DEEPSPEED_DIR)
+            if os.path.isdir(os.path.join(ds_dir, ckpt["deepspeed_tag"])):
+                engine.load_checkpoint(ds_dir, tag=ckpt["deepspeed_tag"], load_optimizer_states=True,
+                                       load_lr_scheduler_states=False)
+                utils.print0(f"resume: DeepSpeed state from {os.path.join(ds_dir, ckpt['deepspeed_tag'])}")
+            else:
+                utils.print0(f"resume: {ds_dir}/{ckpt['deepspeed_tag']} is missing; AdamW moments restart")
+        elif ckpt is not None:
+            utils.print0(f"resume: {resume_path} holds no DeepSpeed state; AdamW moments restart")
+        utils.print0(f"DeepSpeed: ZeRO stage {args.zero_stage}, {args.amp if args.amp != 'none' else 'fp32'}, "
+                     f"optimizer {type(optimizer).__name__}")
+    else:
+        model_without_ddp = model
+        train_model = model
+        if args.distributed:
+            train_model = DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
+        optimizer = adamw(groups, args.lr, betas, args.opt_eps)
+        loss_scaler = utils.LossScaler(device.type, fp16=args.amp == "fp16")
+        if ckpt is not None:
+            load_optimizer_state(optimizer, ckpt, resume_path)
+            if "scaler" in ckpt:
+                loss_scaler.load_state_dict(ckpt["scaler"])
+
+    start_epoch = args.start_epoch
+    best = {"acc1": 0.0, "epoch": None}
+    if ckpt is not None:
+        if isinstance(ckpt.get("epoch"), int):
+            start_epoch = ckpt["epoch"] + 1
+            best = {"acc1": float(ckpt.get("max_accuracy", 0.0)), "epoch": ckpt.get("best_epoch")}
+        else:
+            utils.print0(f"resume: {resume_path} has no epoch number; its weights start epoch {start_epoch}")
+        utils.print0(f"resume: continuing at epoch {start_epoch}")
+
+    mixup_fn = None
+    if mixup_active(args):
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=args.nb_classes)
+        criterion = SoftTargetCrossEntropy()  # the smoothing is in mixup's soft targets
+    elif args.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        criterion = torch.nn.CrossEntropyLoss()
+
+    log_writer = None
+    if utils.is_main_process() and args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if engine is not None:
+            with open(os.path.join(args.output_dir, "deepspeed_config.json"), "w") as f:
+                json.dump(deepspeed_config(args, device, world), f, indent=2)
+        from torch.utils.tensorboard import SummaryWriter
+        log_writer = SummaryWriter(log_dir=args.log_dir or args.output_dir)
+
+    utils.print0(f"training epochs {start_epoch}..{args.epochs - 1}")
+    start_time = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        utils.seed_everything(args.seed + 1000003 * epoch + rank)
+        train_loader.sampler.set_epoch(epoch)
+        train_stats = train_one_epoch(train_model, criterion, train_loader, optimizer, device, epoch, args,
+                                      lr_schedule, wd_schedule, loss_scaler=loss_scaler, model_ema=model_ema,
+                                      mixup_fn=mixup_fn, log_writer=log_writer, amp_dtype=amp_dtype,
+                                      deepspeed_engine=engine is not None, input_dtype=ds_dtype)
+        record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()}}
+        is_best = False
+        if val_loader is not None:
+            test_stats = evaluate(val_loader, model_without_ddp, device, eval_amp, args.dist_eval)
+            record.update({f"test_{k}": v for k, v in test_stats.items()})
+            accs = [test_stats["acc1"]]
+            if model_ema is not None:
+                ema_stats = evaluate(val_loader, model_ema.module, device, eval_amp, args.dist_eval)
+                record.update({f"test_ema_{k}": v for k, v in ema_stats.items()})
+                accs.append(ema_stats["acc1"])
+            if max(accs) > best["acc1"] or best["epoch"] is None:
+                best = {"acc1": max(accs), "epoch": epoch}
+                is_best = True
+            utils.print0(f"epoch {epoch}: Acc@1 {test_stats['acc1']:.3f} Acc@5 {test_stats['acc5']:.3f} loss "
+                         f"{test_stats['loss']:.4f} on {test_stats['num_images']} images"
+                         + (f"  EMA Acc@1 {record['test_ema_acc1']:.3f}" if model_ema is not None else "")
+                         + f"  (max {best['acc1']:.3f}, epoch {best['epoch']})")
+            if log_writer is not None:
+                for k in ("acc1", "acc5", "loss"):
+                    log_writer.add_scalar(f"perf/test_{k}", test_stats[k], epoch)
+                    if model_ema is not None:
+                        log_writer.add_scalar(f"perf/test_ema_{k}", record[f"test_ema_{k}"], epoch)
+        record.update(max_accuracy=best["acc1"], n_parameters=n_parameters)
+        save_checkpoints(args, epoch, model_without_ddp, optimizer, loss_scaler, model_ema, best, is_best, engine)
+        utils.append_log(args.output_dir, record)
+        if log_writer is not None:
+            log_writer.flush()
+    if log_writer is not None:
+        log_writer.close()
+    utils.print0(f"training time {utils.format_seconds(time.time() - start_time)}")
+    return best
+
+
+def cli():
+    parser = argparse.ArgumentParser("BootMAE fine-tuning", parents=[get_args_parser()])
+    args = parser.parse_args()
+    try:
+        main(args)
+    except (utils.UsageError, NonFiniteLossError) as e:
+        print(f"error: {utils.one_line_error(e)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if utils.is_dist():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    cli()
