@@ -46,16 +46,21 @@ def layer_decay_param_groups(model, weight_decay, layer_decay, backbone_decay=1.
     return groups
 
 
-def adamw(groups, lr, betas=(0.9, 0.999), eps=1e-8):
-    """torch AdamW over prepared groups (``param_names`` dropped); the fused CUDA kernel on GPUs (same update,
-    fewer launches)."""
+# devices with a fused AdamW kernel in torch
+_FUSED_DEVICES = ("cuda", "cpu", "xpu", "mps")
+
+
+def adamw(groups, lr, betas=(0.9, 0.999), eps=1e-8, fused=True):
+    """torch AdamW over prepared groups (``param_names`` dropped). ``fused``: one kernel for all tensors,
+    the same update as the per-tensor loop (to float rounding) and several times faster on CPU as on GPU;
+    ``fused=False`` gives torch's default implementation."""
     groups = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
-    fused = all(p.is_cuda for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
+    fused = fused and all(p.device.type in _FUSED_DEVICES for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
 
 
 def create_optimizer(args, model, skip_list=None, betas=(0.9, 0.95), **group_kwargs):
     """AdamW over ``param_groups``; betas (0.9, 0.95) as the release hard-wires for pretraining."""
     skip = set(skip_list if skip_list is not None else getattr(model, "no_weight_decay", set)())
     groups = param_groups(model, args.weight_decay, skip, **group_kwargs)
-    return adamw(groups, args.lr, betas, getattr(args, "opt_eps", 1e-8))
+    return adamw(groups, args.lr, betas, getattr(args, "opt_eps", 1e-8), getattr(args, "fused_adamw", True))

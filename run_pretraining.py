@@ -73,6 +73,8 @@ def get_args_parser():
     p.add_argument("--weight_decay", default=0.05, type=float)
     p.add_argument("--weight_decay_end", default=None, type=float, help="cosine weight decay end (default: constant)")
     p.add_argument("--clip_grad", default=None, type=float, help="gradient norm clip (default: none)")
+    p.add_argument("--no_fused_adamw", action="store_false", dest="fused_adamw",
+                   help="torch's default AdamW instead of the fused kernel (same update, slower)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the online model and the momentum encoder's forward (same mathematics)")
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
