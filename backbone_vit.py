@@ -39,6 +39,7 @@ import argparse
 import contextlib
 import math
 import os
+import pickle
 import sys
 
 import torch
@@ -375,7 +376,20 @@ def openmmlab_safe_globals():
     with contextlib.suppress(ImportError):
         from mmengine.logging.history_buffer import HistoryBuffer
         allowed.append(HistoryBuffer)
+        # a HistoryBuffer pickles its statistics functions as getattr(HistoryBuffer, 'mean') (pickle protocol
+        # 2 names a class's function that way); a getattr that answers only those names stands in for the
+        # builtin, which would reach anything
+        allowed.append((_history_buffer_getattr, "builtins.getattr"))
     return allowed
+
+
+def _history_buffer_getattr(obj, name):
+    from mmengine.logging.history_buffer import HistoryBuffer
+    methods = set(HistoryBuffer._statistics_methods) | {"min", "max", "current", "mean"}
+    if (obj is HistoryBuffer or isinstance(obj, HistoryBuffer)) and isinstance(name, str) and name in methods:
+        return getattr(obj, name)
+    raise pickle.UnpicklingError(f"getattr({getattr(obj, '__name__', type(obj).__name__)}, {name!r}) is not "
+                                 f"allowed in a checkpoint (only HistoryBuffer's statistics methods are)")
 
 
 @contextlib.contextmanager
@@ -397,7 +411,8 @@ def load_openmmlab_checkpoint(path):
             unsafe = []
             with contextlib.suppress(Exception):  # the listing is a hint only; the error below stands
                 unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-            allowed = {f"{g.__module__}.{g.__qualname__}" for g in openmmlab_safe_globals()}
+            allowed = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}"
+                       for g in openmmlab_safe_globals()}
             unsafe = [u for u in unsafe if u not in allowed and u != "argparse.Namespace"]
             if unsafe:
                 raise utils.UsageError(f"{path} holds objects that weights-only loading does not allow: "
@@ -515,6 +530,11 @@ def openmmlab_main(mode, argv=None):
         return 2
     args = _openmmlab_parser(mode).parse_args(argv)
     os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    if args.launcher != "none" and not torch.cuda.is_available():
+        # mmengine's launchers give every process a CUDA device and wrap the model with device_ids
+        print(f"error: --launcher {args.launcher} needs GPUs (mmengine gives each process a CUDA device); "
+              f"on CPU run one process (--launcher none)", file=sys.stderr)
+        return 2
     if not os.path.isfile(args.config):
         print(f"error: config {args.config} does not exist", file=sys.stderr)
         return 2
@@ -558,7 +578,6 @@ def openmmlab_main(mode, argv=None):
                 cfg.test_evaluator = [cfg.test_evaluator, dict(type="DumpDetResults", out_file_path=args.out)]
             else:
                 cfg.test_evaluator["output_dir"] = args.out
-                cfg.test_evaluator["keep_results"] = True
     with openmmlab_safe_loading():
         runner = Runner.from_cfg(cfg)
         if mode == "train":

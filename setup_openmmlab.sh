@@ -62,10 +62,15 @@ else
         # PyTorch 2.10+ headers need C++20; mmcv 2.1.0 asks for C++17
         sed -i "s/-std=c++17/-std=c++20/g; s#/std:c++17#/std:c++20#g" "$BUILD/mmcv-$MMCV_VERSION/setup.py"
         START=$(date +%s)
-        MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" -m pip wheel -q --no-deps --no-build-isolation \
-            "$BUILD/mmcv-$MMCV_VERSION" -w "$BUILD/wheel" \
-            2> >(grep -v -e "is ignored: it is neither a file nor a directory" >&2)
         mkdir -p "$WHEEL_DIR"
+        # the compiler's and setuptools' pages of warnings go to a log, shown only when the build fails
+        LOG="$WHEEL_DIR/build.log"
+        if ! MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" -m pip wheel -v --no-deps --no-build-isolation \
+                "$BUILD/mmcv-$MMCV_VERSION" -w "$BUILD/wheel" >"$LOG" 2>&1; then
+            tail -n 40 "$LOG" >&2
+            echo "setup_openmmlab.sh: building mmcv failed; the full log is $LOG" >&2
+            exit 1
+        fi
         # copy then rename, so an interrupted run never leaves a half-written wheel in the cache
         for f in "$BUILD"/wheel/mmcv-*.whl; do
             cp "$f" "$WHEEL_DIR/.$(basename "$f").part" && mv "$WHEEL_DIR/.$(basename "$f").part" "$WHEEL_DIR/$(basename "$f")"

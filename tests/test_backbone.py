@@ -333,9 +333,11 @@ def test_segmentation_config_is_the_papers():
     assert cfg["train_dataloader"]["batch_size"] * 8 == 16 == cfg["auto_scale_lr"]["base_batch_size"]
     assert cfg["train_cfg"]["max_iters"] == 160000
     warm, decay = cfg["param_scheduler"]
-    assert warm["type"] == "LinearLR" and (warm["begin"], warm["end"]) == (0, 1500) and not warm["by_epoch"]
+    # (mmengine's linear/poly schedulers reach their end value at iteration end - 1)
+    assert warm["type"] == "LinearLR" and (warm["begin"], warm["end"] - 1) == (0, 1500) and not warm["by_epoch"]
+    assert warm["start_factor"] == 1e-6
     assert decay["type"] == "PolyLR" and decay["power"] == 1.0 and decay["eta_min"] == 0.0
-    assert decay["end"] == 160000 and not decay["by_epoch"]
+    assert (decay["begin"], decay["end"] - 1) == (0, 160000) and not decay["by_epoch"]
     # the default mmseg ADE20K augmentation: rescale 0.5-2.0, 512 crop, flip, photometric distortion
     steps = {t["type"]: t for t in cfg["train_pipeline"]}
     assert steps["RandomResize"]["ratio_range"] == (0.5, 2.0) and steps["RandomResize"]["scale"] == (2048, 512)

@@ -138,11 +138,12 @@ optim_wrapper = dict(
     clip_grad=dict(max_norm=3.0, norm_type=2))
 max_iters = 160000
 warmup_iters = 1500
-# the release's mmcv schedule (poly, power 1, min_lr 0, linear warm-up from 1e-6): lr(i) =
-# 4e-4 * (1 - i / 160000) * (1e-6 + (1 - 1e-6) * min(i / 1500, 1)); mmengine multiplies the two when they overlap
+# the release's mmcv schedule (poly, power 1, min_lr 0, linear warm-up from 1e-6) exactly: at iteration i,
+# lr = 4e-4 * (1 - i / 160000) * (1e-6 + (1 - 1e-6) * min(i / 1500, 1)). mmengine multiplies schedulers that
+# overlap, and its linear and poly schedulers reach their end value at iteration end - 1, hence the + 1
 param_scheduler = [
-    dict(type="LinearLR", start_factor=1e-6, by_epoch=False, begin=0, end=warmup_iters),
-    dict(type="PolyLR", power=1.0, eta_min=0.0, by_epoch=False, begin=0, end=max_iters),
+    dict(type="LinearLR", start_factor=1e-6, by_epoch=False, begin=0, end=warmup_iters + 1),
+    dict(type="PolyLR", power=1.0, eta_min=0.0, by_epoch=False, begin=0, end=max_iters + 1),
 ]
 train_cfg = dict(type="IterBasedTrainLoop", max_iters=max_iters, val_interval=16000)
 val_cfg = dict(type="ValLoop")
