@@ -194,7 +194,7 @@ def test_empty_train_subfolder_is_named(tmp_path):
 
 
 def test_unknown_data_set(tmp_path):
-    with pytest.raises(UsageError, match="image_folder, cifar10, cifar100, demo"):
+    with pytest.raises(UsageError, match="image_folder, cifar10, cifar100, npz, demo"):
         datasets.build_pretraining_dataset(_args(data_set="imagenet", data_path=str(tmp_path)))
 
 
