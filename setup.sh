@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv inside the repository and installs the tested versions.
-# Usage: bash setup.sh            (PYTHON=python3.11 bash setup.sh to choose the interpreter)
+# Usage: bash setup.sh                      (PYTHON=python3.11 bash setup.sh to choose the interpreter)
+#        bash setup.sh --with-openmmlab     also mmcv/mmsegmentation/mmdetection (setup_openmmlab.sh)
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
@@ -24,3 +25,6 @@ pip_install -r requirements.txt
 import torch, torchvision, timm
 print(f"setup.sh: ready (.venv: torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__})")
 PY
+if [ "${1:-}" = "--with-openmmlab" ]; then
+    bash setup_openmmlab.sh
+fi
