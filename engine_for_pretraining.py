@@ -1,8 +1,20 @@
-"""One BootMAE pretraining epoch, its losses and its per-epoch schedules."""
+"""One BootMAE pretraining epoch, its losses, its per-epoch schedules and its target encoders.
+
+Target encoders (``--target_encoder``) give the feature targets and decide when they change:
+
+  ema        BootMAE: a momentum encoder (EMA of the whole model) updated after every optimisation step
+  fixed      a frozen encoder loaded from a checkpoint (ours, the release's or MAE's; paper Table 9)
+  k_epoch    MAE-K: a frozen copy of the online encoder, refreshed at the start of every K-th epoch
+  epoch_ema  EMA-MAE: target = (1 - tau) * target + tau * online after every epoch
+  mae_new    MAE-new: L_fast + lambda * L_slow, fast = the epoch_ema target, slow = the k_epoch target
+
+All give the patch tokens of the target's last block, before its final norm (the release's target).
+"""
 import time
 
 import torch
 import torch.nn.functional as F
+from timm.utils import ModelEmaV3
 
 import utils
 
@@ -48,30 +60,84 @@ def _masked_mse(pred, target, weight):
     return (err * weight).sum() / (weight > 0).sum().clamp(min=1)
 
 
-def bootmae_loss(pixel_pred, feature_pred, target_features, images, mask, patch_size, weight_mask=False):
+def loss_weights(mask, grid, weight_mask=False):
+    """Per-patch loss weights [B, N]: 1 on masked patches, 0 on visible ones; with ``weight_mask`` the
+    masked ones weigh 1 + the masked fraction of their 3x3 neighbourhood."""
+    weight = mask.float()
+    if weight_mask:
+        weight = weight * mask_weights(mask, grid)
+    return weight
+
+
+def pixel_loss(pixel_pred, images, weight, patch_size):
+    """Squared error against the per-patch normalised pixels, over the patches that ``weight`` selects."""
+    return _masked_mse(pixel_pred, normalized_pixel_target(images, patch_size), weight)
+
+
+def feature_loss(feature_pred, target_features, weight, target_ids=None):
+    """Squared error between LayerNorm(no affine, eps 1e-6) of prediction and target. ``target_features`` is
+    [B, N, D], or with ``target_ids`` [B, n] the targets of those patches only, [B, n, D] (the momentum-input
+    fraction of paper Table 5): the loss is then evaluated on that subset."""
+    if target_ids is not None:
+        feature_pred = torch.gather(feature_pred, 1, target_ids[..., None].expand(-1, -1, feature_pred.shape[-1]))
+        weight = torch.gather(weight, 1, target_ids)
+    D = feature_pred.shape[-1]
+    pred = F.layer_norm(feature_pred.float(), (D,), eps=1e-6)
+    target = F.layer_norm(target_features.float(), (D,), eps=1e-6)
+    return _masked_mse(pred, target, weight)
+
+
+def bootmae_loss(pixel_pred, feature_pred, target_features, images, mask, patch_size, weight_mask=False,
+                 target_ids=None):
     """BootMAE's two losses, computed in float32.
 
-    pixel_pred: [B, N, P*P*3]; feature_pred: [B, N, D]; target_features: [B, N, D] momentum-encoder tokens
-    (or None: feature loss 0); images: [B, 3, H, W] the model's input; mask: [B, N] bool, True = masked.
+    pixel_pred: [B, N, P*P*3] (or None: pixel loss 0); feature_pred: [B, N, D]; target_features: [B, N, D]
+    momentum-encoder tokens (or None: feature loss 0), or [B, n, D] for the patches ``target_ids`` [B, n];
+    images: [B, 3, H, W] the model's input; mask: [B, N] bool, True = masked.
     Returns (pixel_loss, feature_loss): squared errors on masked patches against the per-patch normalised
     pixels and against LayerNorm(no affine, eps 1e-6) of the targets (the prediction normalised the same).
     """
     grid = (images.shape[-2] // patch_size, images.shape[-1] // patch_size)
-    weight = mask.float()
-    if weight_mask:
-        weight = weight * mask_weights(mask, grid)
-    pixel_loss = _masked_mse(pixel_pred, normalized_pixel_target(images, patch_size), weight)
+    weight = loss_weights(mask, grid, weight_mask)
+    zero = weight.new_zeros(())
+    pix = zero if pixel_pred is None else pixel_loss(pixel_pred, images, weight, patch_size)
     if target_features is None:
-        return pixel_loss, pixel_loss.new_zeros(())
-    D = feature_pred.shape[-1]
-    pred = F.layer_norm(feature_pred.float(), (D,), eps=1e-6)
-    target = F.layer_norm(target_features.float(), (D,), eps=1e-6)
-    return pixel_loss, _masked_mse(pred, target, weight)
+        return pix, zero
+    return pix, feature_loss(feature_pred, target_features, weight, target_ids)
 
 
-def feature_weight_at(epoch, feature_weight, epochs):
-    """The release ramps the feature-loss weight linearly per epoch to its full value at 25 % of training."""
-    return min(feature_weight * 4.0 * (epoch + 1) / epochs, feature_weight)
+def sample_target_patches(mask, num_masked, count):
+    """``count`` masked patches per image for the momentum encoder (paper Table 5), [B, count] indices in
+    patch order. Which ones is drawn uniformly without replacement from the global torch RNG (on the CPU, so
+    the draw is the same on every device); the training loop reseeds that RNG every epoch, so a resumed run
+    draws the same subsets."""
+    B, N = mask.shape
+    masked = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)[:, N - num_masked:]
+    pick = torch.rand(B, num_masked).argsort(dim=1)[:, :count].to(mask.device)
+    return torch.gather(masked, 1, pick).sort(dim=1).values
+
+
+def target_patch_count(fraction, num_patches):
+    """Patches fed to the momentum encoder for ``--target_fraction``: the full image at 1."""
+    return num_patches if fraction >= 1 else int(round(fraction * num_patches))
+
+
+def feature_weight_at(epoch, feature_weight, epochs, ramp=0.25):
+    """The release ramps the feature-loss weight linearly per epoch to its full value at ``ramp`` (25 %) of
+    training; ``ramp`` 0 gives the full weight from the first epoch."""
+    if ramp <= 0:
+        return feature_weight
+    # 1 / 0.25 is exactly 4.0: the release's expression, bit for bit
+    return min(feature_weight * (1.0 / ramp) * (epoch + 1) / epochs, feature_weight)
+
+
+def loss_weights_at(epoch, args):
+    """(pixel weight, feature weight) of an epoch. During ``--pixel_warmup_epochs`` (the report's WSE) the
+    loss is the pixel loss alone; afterwards ``--pixel_weight`` and the ramped ``--feature_weight``."""
+    if epoch < getattr(args, "pixel_warmup_epochs", 0):
+        return 1.0, 0.0
+    return (getattr(args, "pixel_weight", 1.0),
+            feature_weight_at(epoch, args.feature_weight, args.epochs, getattr(args, "feature_ramp", 0.25)))
 
 
 def ema_momentum_at(epoch, start=0.999, dynamic=False, warmup_epochs=100, dynamic_epochs=400):
@@ -89,30 +155,238 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def train_one_epoch(model, momentum_encoder, data_loader, optimizer, loss_scaler, device, epoch,
+# ---------------------------------------------------------------------------------------------------------
+# target encoders
+
+def copy_encoder(model):
+    """A frozen plain ``VisionTransformer`` with ``model``'s encoder architecture and weights, in eval mode."""
+    from modeling_bootmae import VisionTransformer
+    net = VisionTransformer(**model.encoder_config())
+    net.load_state_dict(model.encoder_state_dict())
+    return net.to(next(model.parameters()).device).eval().requires_grad_(False)
+
+
+class TargetEncoder:
+    """Feature targets of one strategy. ``features(images, ids)`` gives [(weight, targets), ...];
+    ``begin_epoch``/``end_epoch`` are called around every epoch whose loss uses features, ``after_step``
+    after every optimisation step; ``state_dict`` is what a checkpoint needs to resume exactly."""
+    kind = None
+
+    def begin_epoch(self, epoch, online):
+        pass
+
+    def end_epoch(self, epoch, online):
+        pass
+
+    def after_step(self, online, momentum):
+        pass
+
+    def features(self, images, ids=None):
+        raise NotImplementedError
+
+    def state_dict(self):
+        raise NotImplementedError
+
+    def load_state_dict(self, state):
+        raise NotImplementedError
+
+    def compile(self):
+        pass
+
+
+class EmaTarget(TargetEncoder):
+    """BootMAE's momentum encoder: an EMA of the whole model (timm ``ModelEmaV3``, kept under the release's
+    checkpoint key ``model_ema``), updated after every optimisation step with the scheduled momentum."""
+    kind = "ema"
+
+    def __init__(self, ema, target_fn=None):
+        self.ema = ema
+        self.target_fn = target_fn
+
+    @property
+    def module(self):
+        return self.ema.module
+
+    def after_step(self, online, momentum):
+        self.ema.decay = momentum
+        self.ema.update(online)
+
+    def features(self, images, ids=None):
+        fn = self.target_fn or self.ema.module.target_features
+        return [(1.0, fn(images) if ids is None else fn(images, ids))]
+
+    def compile(self):
+        self.target_fn = torch.compile(self.ema.module.target_features)
+
+    def state_dict(self):
+        return {"model_ema": self.ema.module.state_dict()}
+
+    def load_state_dict(self, state):
+        self.ema.module.load_state_dict(state["model_ema"])
+
+
+class _FrozenEncoderTarget(TargetEncoder):
+    """One frozen plain encoder; ``ready`` is False until it first holds weights."""
+
+    def __init__(self, net, ready):
+        self.net, self.ready = net, ready
+        self.target_fn = None
+
+    def features(self, images, ids=None):
+        if not self.ready:
+            raise RuntimeError(f"the {self.kind} target encoder is used before it was initialised")
+        fn = self.target_fn or self.net.target_features
+        return [(1.0, fn(images) if ids is None else fn(images, ids))]
+
+    def compile(self):
+        self.target_fn = torch.compile(self.net.target_features)
+
+    def _refresh(self, online):
+        # in place, so compiled graphs keep reading the same tensors
+        with torch.no_grad():
+            self.net.load_state_dict(online.encoder_state_dict())
+        self.ready = True
+
+    def state_dict(self):
+        return {"target": self.net.state_dict() if self.ready else None}
+
+    def load_state_dict(self, state):
+        if state.get("target") is None:
+            self.ready = False
+        else:
+            self.net.load_state_dict(state["target"])
+            self.ready = True
+
+
+class FixedTarget(_FrozenEncoderTarget):
+    """A frozen encoder loaded once (``--target_checkpoint``); it never changes."""
+    kind = "fixed"
+
+    def __init__(self, net):
+        super().__init__(net, ready=True)
+
+
+class KEpochTarget(_FrozenEncoderTarget):
+    """MAE-K: a frozen copy of the online encoder, taken when the feature loss is first used and then at
+    the start of every epoch that is a multiple of K (so it changes only at multiples of K epochs)."""
+    kind = "k_epoch"
+
+    def __init__(self, online, k):
+        super().__init__(copy_encoder(online), ready=False)
+        self.k = k
+
+    def begin_epoch(self, epoch, online):
+        if not self.ready or epoch % self.k == 0:
+            self._refresh(online)
+
+
+class EpochEmaTarget(_FrozenEncoderTarget):
+    """EMA-MAE: a copy of the online encoder when the feature loss is first used (epoch 0, or the first
+    epoch after a pixel-only warm-up of WSE epochs, so that the target has learnt to see pixels), then after
+    every epoch that used it: target = (1 - tau) * target + tau * online, parameter by parameter."""
+    kind = "epoch_ema"
+
+    def __init__(self, online, tau):
+        super().__init__(copy_encoder(online), ready=False)
+        self.tau = tau
+
+    def begin_epoch(self, epoch, online):
+        if not self.ready:
+            self._refresh(online)
+
+    @torch.no_grad()
+    def end_epoch(self, epoch, online):
+        own = self.net.state_dict()
+        for key, value in online.encoder_state_dict().items():
+            own[key].mul_(1.0 - self.tau).add_(value.detach(), alpha=self.tau)
+
+
+class MaeNewTarget(TargetEncoder):
+    """MAE-new: L = L_fast + lambda * L_slow, fast = an ``EpochEmaTarget``, slow = a ``KEpochTarget``; one
+    feature prediction is compared with both."""
+    kind = "mae_new"
+
+    def __init__(self, online, k, tau, slow_weight):
+        self.fast, self.slow = EpochEmaTarget(online, tau), KEpochTarget(online, k)
+        self.slow_weight = slow_weight
+
+    def begin_epoch(self, epoch, online):
+        self.fast.begin_epoch(epoch, online)
+        self.slow.begin_epoch(epoch, online)
+
+    def end_epoch(self, epoch, online):
+        self.fast.end_epoch(epoch, online)
+        self.slow.end_epoch(epoch, online)
+
+    def features(self, images, ids=None):
+        (_, fast), = self.fast.features(images, ids)
+        (_, slow), = self.slow.features(images, ids)
+        return [(1.0, fast), (self.slow_weight, slow)]
+
+    def compile(self):
+        self.fast.compile()
+        self.slow.compile()
+
+    def state_dict(self):
+        return {"fast": self.fast.state_dict()["target"], "slow": self.slow.state_dict()["target"]}
+
+    def load_state_dict(self, state):
+        self.fast.load_state_dict({"target": state.get("fast")})
+        self.slow.load_state_dict({"target": state.get("slow")})
+
+
+TARGET_ENCODERS = ("ema", "fixed", "k_epoch", "epoch_ema", "mae_new")
+
+
+def build_target_encoder(args, model, fixed_encoder=None):
+    """The ``TargetEncoder`` of ``args.target_encoder`` for the (unwrapped) online ``model``; None when the
+    run has no feature loss (``--feature_weight 0``, MAE) or no momentum encoder (``--no_model_ema``).
+    ``fixed_encoder`` is the loaded network of ``fixed``."""
+    kind = getattr(args, "target_encoder", "ema")
+    if args.feature_weight == 0:
+        return None
+    if kind == "ema":
+        return EmaTarget(ModelEmaV3(model, decay=args.model_ema_decay)) if args.model_ema else None
+    if kind == "fixed":
+        return FixedTarget(fixed_encoder)
+    if kind == "k_epoch":
+        return KEpochTarget(model, args.target_k)
+    if kind == "epoch_ema":
+        return EpochEmaTarget(model, args.target_tau)
+    if kind == "mae_new":
+        return MaeNewTarget(model, args.target_k, args.target_tau, args.slow_weight)
+    raise ValueError(f"unknown target encoder {kind!r}; choose one of {', '.join(TARGET_ENCODERS)}")
+
+
+def train_one_epoch(model, targets, data_loader, optimizer, loss_scaler, device, epoch,
                     lr_schedule, wd_schedule, args, log_writer=None, amp_dtype=None, target_fn=None):
-    """One epoch. ``model`` may be DDP-wrapped; ``momentum_encoder`` is a timm ``ModelEmaV3`` of the
-    unwrapped model (or None: pixel loss only); ``target_fn`` (default: its ``target_features``) computes the
-    feature targets, e.g. a compiled version of it. ``lr_schedule``/``wd_schedule`` are per-step arrays indexed
-    by the global optimisation step, so a resumed run continues them exactly."""
+    """One epoch. ``model`` may be DDP-wrapped; ``targets`` is a ``TargetEncoder`` (or a timm ``ModelEmaV3``
+    of the unwrapped model, BootMAE's momentum encoder, or None: pixel loss only); ``target_fn`` (default: the
+    EMA's ``target_features``) computes the feature targets of a ``ModelEmaV3``, e.g. a compiled version of it.
+    ``lr_schedule``/``wd_schedule`` are per-step arrays indexed by the global optimisation step, so a resumed
+    run continues them exactly."""
     model.train()
     # the plain module under torch.compile (``_orig_mod``) and DDP (``module``) wrappers
     unwrapped = getattr(model, "_orig_mod", model)
     unwrapped = getattr(unwrapped, "module", unwrapped)
-    if momentum_encoder is not None and target_fn is None:
-        target_fn = momentum_encoder.module.target_features
+    if isinstance(targets, ModelEmaV3):
+        targets = EmaTarget(targets, target_fn)
     patch_size = unwrapped.patch_size
     update_freq = args.update_freq
     steps_per_epoch = len(data_loader) // update_freq
-    feature_weight = feature_weight_at(epoch, args.feature_weight, args.epochs)
+    pixel_weight, feature_weight = loss_weights_at(epoch, args)
     momentum = ema_momentum_at(epoch, args.model_ema_decay, args.model_ema_dynamic,
                                args.model_ema_warmup_epochs, args.model_ema_dynamic_epochs)
-    use_targets = momentum_encoder is not None and args.feature_weight > 0
+    use_targets = targets is not None and feature_weight > 0
+    fraction = getattr(args, "target_fraction", 1.0)
+    if use_targets:
+        targets.begin_epoch(epoch, unwrapped)
     logger = utils.StepLogger(device, ["loss", "pixel_loss", "feature_loss", "grad_norm"], log_writer)
     # first non-finite step and its two loss components, kept on the device so that no step syncs
     bad = torch.full((3,), -1.0, device=device)
     header = f"Epoch: [{epoch}]"
     start = time.time()
+    first_step_end = None
     optimizer.zero_grad(set_to_none=True)
     for data_iter, (images, mask) in enumerate(data_loader):
         step = data_iter // update_freq
@@ -130,26 +404,35 @@ def train_one_epoch(model, momentum_encoder, data_loader, optimizer, loss_scaler
         num_masked = int(mask[0].sum())
         images = images.to(device, non_blocking=True)
         mask = mask.to(device, non_blocking=True).flatten(1)
+        target_ids = None
+        if use_targets and fraction < 1:
+            target_ids = sample_target_patches(mask, num_masked, target_patch_count(fraction, mask.shape[1]))
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            target = target_fn(images) if use_targets else None
-            pixel_pred, feature_pred = model(images, mask, num_masked)
-        pixel_loss, feature_loss = bootmae_loss(pixel_pred, feature_pred, target, images, mask, patch_size,
-                                                args.weight_mask)
-        loss = pixel_loss + feature_weight * feature_loss
+            target_list = targets.features(images, target_ids) if use_targets else []
+            pixel_pred, feature_pred = model(images, mask, num_masked, pixel=pixel_weight > 0, feature=use_targets)
+        grid = (images.shape[-2] // patch_size, images.shape[-1] // patch_size)
+        weight = loss_weights(mask, grid, args.weight_mask)
+        zero = weight.new_zeros(())
+        pix = pixel_loss(pixel_pred, images, weight, patch_size) if pixel_pred is not None else zero
+        # the targets' weighted sum (MAE-new: L_fast + lambda * L_slow); one target of weight 1 is just its loss
+        terms = [feature_loss(feature_pred, target, weight, target_ids) * w if w != 1.0
+                 else feature_loss(feature_pred, target, weight, target_ids) for w, target in target_list]
+        fea = sum(terms[1:], terms[0]) if terms else zero
+        loss = pixel_weight * pix + feature_weight * fea
         first_bad = (bad[0] < 0) & ~torch.isfinite(loss)
         bad.copy_(torch.where(first_bad, torch.stack([torch.tensor(float(it), device=device),
-                                                      pixel_loss.detach(), feature_loss.detach()]), bad))
+                                                      pix.detach(), fea.detach()]), bad))
         update = (data_iter + 1) % update_freq == 0
         grad_norm = loss_scaler(loss / update_freq, optimizer, parameters=model.parameters(),
                                 clip_grad=args.clip_grad, update_grad=update,
                                 sync=update or not hasattr(model, "no_sync"), model=model)
         if update:
             optimizer.zero_grad(set_to_none=True)
-            if momentum_encoder is not None:
-                momentum_encoder.decay = momentum
-                momentum_encoder.update(unwrapped)
-        logger.add(loss=loss.detach(), pixel_loss=pixel_loss.detach(), feature_loss=feature_loss.detach(),
-                   grad_norm=grad_norm)
+            if targets is not None:
+                targets.after_step(unwrapped, momentum)
+            if first_step_end is None:
+                first_step_end = time.time()
+        logger.add(loss=loss.detach(), pixel_loss=pix.detach(), feature_loss=fea.detach(), grad_norm=grad_norm)
         last = data_iter + 1 == steps_per_epoch * update_freq
         if update and (step % args.print_freq == 0 or last):
             if bad[0].item() >= 0:
@@ -169,7 +452,13 @@ def train_one_epoch(model, momentum_encoder, data_loader, optimizer, loss_scaler
                          f"eta {utils.format_seconds(eta)}  lr {lr:.3e}  loss {means['loss']:.4f} "
                          f"(pixel {means['pixel_loss']:.4f}, feature {means['feature_loss']:.4f})  "
                          f"grad_norm {means['grad_norm']:.3f}  {elapsed / (step + 1):.3f} s/step")
-    stats = logger.epoch_means()
+    stats = logger.epoch_means()   # waits for the device, so the clock covers every queued step
+    end = time.time()
+    if use_targets:
+        targets.end_epoch(epoch, unwrapped)
+    # seconds per optimisation step after the first (which also waits for the data loader to start)
+    s_per_step = (end - first_step_end) / (steps_per_epoch - 1) if steps_per_epoch > 1 else end - start
     stats.update(lr=optimizer.param_groups[0]["lr"], feature_weight=feature_weight, ema_momentum=momentum,
-                 steps=steps_per_epoch)
+                 steps=steps_per_epoch, pixel_weight=pixel_weight, s_per_step=s_per_step,
+                 target_patches=target_patch_count(fraction, unwrapped.patch_embed.num_patches) if use_targets else 0)
     return stats

@@ -288,6 +288,31 @@ class VisionTransformer(nn.Module):
         x = self.norm(x)
         return (x, feats) if return_blocks else x
 
+    @torch.no_grad()
+    def target_features(self, images, ids=None):
+        """Feature targets (call on the target network): the patch tokens of the last block, before the
+        final norm, [B, N, D] for full images [B, 3, H, W]. With ``ids`` [B, n] only those patches (plus the
+        cls token) are fed to the network and their n tokens are returned, in the order of ``ids``."""
+        x, pos = self.embed(images)
+        if ids is not None:
+            x = torch.gather(x, 1, ids[..., None].expand(-1, -1, x.shape[-1]))
+        x = self.with_cls(x, pos)
+        for blk in self.blocks:
+            x = blk(x)
+        return x[:, 1:]
+
+    def encoder_config(self):
+        """Constructor arguments of a ``VisionTransformer`` with this encoder's architecture."""
+        return dict(img_size=tuple(self.patch_embed.img_size), patch_size=self.patch_size,
+                    in_chans=self.patch_embed.proj.in_channels, embed_dim=self.embed_dim, depth=len(self.blocks),
+                    num_heads=self.num_heads, mlp_ratio=self.blocks[0].mlp.fc1.out_features / self.embed_dim,
+                    qkv_bias=self.blocks[0].attn.q_bias is not None,
+                    norm_layer=partial(nn.LayerNorm, eps=self.norm.eps))
+
+    def encoder_state_dict(self):
+        """The encoder's tensors (patch embedding, cls token, blocks, final norm) of this model."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
+
 
 class PixelHead(nn.Module):
     """Per-patch linear map width -> P*P*3, output in MAE's (p, q, channel) order.
@@ -329,6 +354,7 @@ class Decoder(nn.Module):
             for _ in range(depth)])
         self.norm = norm_layer(width)
         self.head = head
+        self.has_context = context_dim is not None
 
     def forward(self, latent, ids_restore, ids_masked, pos, context=None):
         """latent: [B, 1+Nv, D] encoder output (cls first); ids_restore: [B, N] position of each patch in
@@ -349,48 +375,77 @@ class BootMAE(VisionTransformer):
     """BootMAE pretraining model (encoder + pixel regressor + feature predictor).
 
     ``context_blocks`` = (block feeding the pixel regressor, block feeding the feature predictor); the
-    release (and paper Table 8's best) is the first and the last block.
+    release (and paper Table 8's best) is the first and the last block. The ablations of the paper and of the
+    CIFAR-10 report come from the same class:
+
+    - ``pixel_branch=False`` / ``feature_branch=False``: the regressor / predictor is not built at all (no
+      parameters, nothing unused under DDP): feature targets only, or MAE's pixel target only;
+    - ``pixel_context`` / ``feature_context``: context injection (cross-attention) per decoder (paper Table 2);
+    - ``decoder_dim``, ``decoder_depth``, ``decoder_num_heads``: the regressor's width and both decoders'
+      depth and heads (MAE's decoder: 512 wide, 8 blocks, 16 heads, no context; paper Table 4);
+    - ``feature_decoder_dim``: the predictor's width (default the encoder's, as in the release).
+
+    The defaults are the release's model, parameter for parameter and in the same initialisation order.
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
                  mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0, decoder_dim=512, decoder_depth=2,
-                 decoder_num_heads=None, context_blocks=(0, -1), norm_layer=LayerNorm):
+                 decoder_num_heads=None, context_blocks=(0, -1), norm_layer=LayerNorm, pixel_branch=True,
+                 feature_branch=True, pixel_context=True, feature_context=True, feature_decoder_dim=None):
         super().__init__(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, qkv_bias,
                          drop_path_rate=drop_path_rate, norm_layer=norm_layer)
+        if not (pixel_branch or feature_branch):
+            raise ValueError("BootMAE needs at least one of the pixel regressor and the feature predictor")
         heads = decoder_num_heads or num_heads
-        self.context_blocks = tuple(b % depth for b in context_blocks)
         if any(not -depth <= b < depth for b in context_blocks):
             raise ValueError(f"context blocks {tuple(context_blocks)} are outside the encoder's {depth} blocks")
+        self.context_blocks = tuple(b % depth for b in context_blocks)
+        # encoder blocks whose output some decoder cross-attends to
+        self.injected_blocks = tuple(sorted({b for b, on in zip(self.context_blocks, (
+            pixel_branch and pixel_context, feature_branch and feature_context)) if on}))
         self.decoder_dim = decoder_dim
-        self.pixel_decoder = Decoder(embed_dim, decoder_dim, decoder_depth, heads,
-                                     PixelHead(decoder_dim, patch_size, in_chans), context_dim=embed_dim,
-                                     mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, norm_layer=norm_layer)
-        self.feature_decoder = Decoder(embed_dim, embed_dim, decoder_depth, heads,
-                                       nn.Linear(embed_dim, embed_dim), context_dim=embed_dim,
-                                       mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, norm_layer=norm_layer)
+        self.feature_decoder_dim = feature_decoder_dim or embed_dim
+        self.pixel_decoder = self.feature_decoder = None
+        if pixel_branch:
+            self.pixel_decoder = Decoder(embed_dim, decoder_dim, decoder_depth, heads,
+                                         PixelHead(decoder_dim, patch_size, in_chans),
+                                         context_dim=embed_dim if pixel_context else None,
+                                         mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, norm_layer=norm_layer)
+        if feature_branch:
+            width = self.feature_decoder_dim
+            self.feature_decoder = Decoder(embed_dim, width, decoder_depth, heads, nn.Linear(width, embed_dim),
+                                           context_dim=embed_dim if feature_context else None,
+                                           mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, norm_layer=norm_layer)
         self.register_buffer("decoder_pos_embed", sincos_pos_embed_2d(decoder_dim, *self.patch_embed.grid_size),
                              persistent=False)
+        if self.feature_decoder_dim != embed_dim:
+            self.register_buffer("feature_pos_embed", sincos_pos_embed_2d(
+                self.feature_decoder_dim, *self.patch_embed.grid_size), persistent=False)
         self._init_encoder()  # covers the decoders' Linear and LayerNorm layers too
-        trunc_normal_(self.pixel_decoder.mask_token, std=0.02)
-        trunc_normal_(self.feature_decoder.mask_token, std=0.02)
+        if pixel_branch:
+            trunc_normal_(self.pixel_decoder.mask_token, std=0.02)
+        if feature_branch:
+            trunc_normal_(self.feature_decoder.mask_token, std=0.02)
 
     def forward_encoder(self, images, ids_keep):
         """Encoder on the visible patches: images [B, 3, H, W], ids_keep [B, Nv] ->
-        (normed tokens [B, 1+Nv, D], {block: its output [B, 1+Nv, D]} for the context blocks)"""
+        (normed tokens [B, 1+Nv, D], {block: its output [B, 1+Nv, D]} for the injected blocks)"""
         x, pos = self.embed(images)
         x = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))
         x = self.with_cls(x, pos)
         feats = {}
         for i, blk in enumerate(self.blocks):
             x = self.run_block(blk, x)
-            if i in self.context_blocks:
+            if i in self.injected_blocks:
                 feats[i] = x
         return self.norm(x), feats
 
-    def forward(self, images, mask, num_masked=None):
+    def forward(self, images, mask, num_masked=None, pixel=True, feature=True):
         """images: [B, 3, H, W]; mask: [B, N] bool, True = masked, the same count in every row.
-        Returns (pixel_pred [B, N, P*P*3] in (p, q, channel) order, feature_pred [B, N, D]).
-        ``num_masked`` (the count per row) spares a device-to-host sync when the caller knows it."""
+        Returns (pixel_pred [B, N, P*P*3] in (p, q, channel) order, feature_pred [B, N, D]); a prediction is
+        None when its decoder is not built or not asked for (``pixel``/``feature`` False: during the pixel-only
+        warm-up of EMA-MAE the predictor is skipped). ``num_masked`` (the count per row) spares a
+        device-to-host sync when the caller knows it."""
         grid = self.grid_size(images)
         if num_masked is None:
             num_masked = int(mask[0].sum())
@@ -400,21 +455,19 @@ class BootMAE(VisionTransformer):
         num_visible = mask.shape[1] - num_masked
         ids_keep, ids_masked = ids_shuffle[:, :num_visible], ids_shuffle[:, num_visible:]
         latent, feats = self.forward_encoder(images, ids_keep)
-        shallow, deep = (feats[b] for b in self.context_blocks)
-        dec_pos = self.get_pos_embed(grid, self.decoder_pos_embed, self.decoder_dim)
-        pixel_pred = self.pixel_decoder(latent, ids_restore, ids_masked, dec_pos, shallow)
-        feature_pred = self.feature_decoder(latent, ids_restore, ids_masked, self.get_pos_embed(grid), deep)
+        pixel_pred = feature_pred = None
+        if pixel and self.pixel_decoder is not None:
+            context = feats[self.context_blocks[0]] if self.pixel_decoder.has_context else None
+            dec_pos = self.get_pos_embed(grid, self.decoder_pos_embed, self.decoder_dim)
+            pixel_pred = self.pixel_decoder(latent, ids_restore, ids_masked, dec_pos, context)
+        if feature and self.feature_decoder is not None:
+            context = feats[self.context_blocks[1]] if self.feature_decoder.has_context else None
+            if self.feature_decoder_dim == self.embed_dim:
+                fea_pos = self.get_pos_embed(grid)
+            else:
+                fea_pos = self.get_pos_embed(grid, self.feature_pos_embed, self.feature_decoder_dim)
+            feature_pred = self.feature_decoder(latent, ids_restore, ids_masked, fea_pos, context)
         return pixel_pred, feature_pred
-
-    @torch.no_grad()
-    def target_features(self, images):
-        """Momentum-encoder targets (call on the EMA copy): full images [B, 3, H, W] -> the patch tokens of
-        the last block, before the final norm, [B, N, D]."""
-        x, pos = self.embed(images)
-        x = self.with_cls(x, pos)
-        for blk in self.blocks:
-            x = blk(x)
-        return x[:, 1:]
 
     def no_weight_decay(self):
         return {"cls_token"}
@@ -697,3 +750,18 @@ def load_encoder(model, state_dict):
                 unused.append(key)
     missing = [k for k in own if k not in state_dict]
     return loaded, missing, unused
+
+
+def split_qkv_bias(state_dict):
+    """Encoder tensors of a model with a full qkv bias (MAE's and timm's ``attn.qkv.bias``, [3 * inner]) in
+    this encoder's layout: ``q_bias`` and ``v_bias``. The key bias is dropped, which changes nothing: it adds
+    q . b_k to every logit of a query, and softmax over the keys ignores a constant shift."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith("attn.qkv.bias"):
+            q, _, v = value.chunk(3)
+            out[key[:-len("qkv.bias")] + "q_bias"] = q
+            out[key[:-len("qkv.bias")] + "v_bias"] = v
+        else:
+            out[key] = value
+    return out

@@ -14,13 +14,13 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from timm.models import create_model
-from timm.utils import ModelEmaV3
 
 import eval_knn
 import modeling_bootmae  # noqa: F401  (registers the bootmae_* models with timm)
 import utils
 from datasets import mean_std, build_pretraining_dataset
-from engine_for_pretraining import NonFiniteLossError, patchify, train_one_epoch, unpatchify
+from engine_for_pretraining import (TARGET_ENCODERS, NonFiniteLossError, build_target_encoder, patchify,
+                                    target_patch_count, train_one_epoch, unpatchify)
 from modeling_bootmae import from_release_state_dict, is_release_state_dict
 from optim_factory import create_optimizer
 
@@ -43,6 +43,46 @@ def get_args_parser():
     p.add_argument("--decoder_dim", default=None, type=int, help="pixel regressor width (default 512)")
     p.add_argument("--decoder_depth", default=None, type=int, help="blocks per decoder (default 2)")
 
+    # ablations (README "Ablations"); the defaults are the release's BootMAE
+    g = p.add_argument_group("ablations")
+    g.add_argument("--encoder_dim", default=None, type=int,
+                   help="encoder width instead of --model's (scaled-down runs, e.g. the CPU CIFAR-10 comparison)")
+    g.add_argument("--encoder_depth", default=None, type=int, help="encoder blocks instead of --model's")
+    g.add_argument("--encoder_heads", default=None, type=int, help="encoder heads instead of --model's")
+    g.add_argument("--decoder_num_heads", default=None, type=int,
+                   help="heads of both decoders (default: the encoder's; MAE's decoder: 16)")
+    g.add_argument("--feature_decoder_dim", default=None, type=int,
+                   help="feature predictor width (default: the encoder's, as in the release)")
+    g.add_argument("--context", default="both", choices=["both", "pixel", "feature", "none"],
+                   help="context injection (cross-attention to an encoder block): into both decoders, the pixel "
+                        "regressor only, the feature predictor only, or none (paper Table 2)")
+    g.add_argument("--context_blocks", default=[0, -1], type=int, nargs=2, metavar=("PIXEL", "FEATURE"),
+                   help="encoder block feeding the pixel regressor and the feature predictor (paper Table 8; "
+                        "negative counts from the end)")
+    g.add_argument("--pixel_weight", default=1.0, type=float,
+                   help="weight of the pixel loss; 0 = no pixel regressor (feature targets only)")
+    g.add_argument("--feature_ramp", default=0.25, type=float,
+                   help="fraction of training over which the feature weight rises linearly to full (the "
+                        "release's 0.25); 0 = full weight from the first epoch")
+    g.add_argument("--target_encoder", default="ema", choices=list(TARGET_ENCODERS),
+                   help="ema: momentum encoder updated every step (BootMAE); fixed: --target_checkpoint; k_epoch: "
+                        "MAE-K; epoch_ema: EMA-MAE; mae_new: L_fast(epoch_ema) + --slow_weight x L_slow(k_epoch)")
+    g.add_argument("--target_checkpoint", default=None,
+                   help="checkpoint of the fixed target encoder (ours, the release's or MAE's)")
+    g.add_argument("--target_checkpoint_key", default="model_ema|model|module",
+                   help="entries of --target_checkpoint to try in order ('|'-separated)")
+    g.add_argument("--target_k", default=10, type=int, help="K of MAE-K: epochs between target refreshes")
+    g.add_argument("--target_tau", default=0.005, type=float,
+                   help="tau of EMA-MAE: target = (1 - tau) target + tau online after every epoch")
+    g.add_argument("--slow_weight", default=0.2, type=float, help="lambda of MAE-new (weight of the K-epoch loss)")
+    g.add_argument("--pixel_warmup_epochs", default=0, type=int,
+                   help="epochs of pixel loss only before the feature loss starts (the report's WSE)")
+    g.add_argument("--target_fraction", default=1.0, type=float,
+                   help="fraction of the image fed to the momentum encoder: 1 = the full image; below 1, that "
+                        "many patches drawn from the masked ones, and the feature loss only on them (paper Table 5)")
+    g.add_argument("--metrics_json", default=None,
+                   help="at the end, write the last epoch's metrics and the median seconds per step to this file")
+
     # masking
     p.add_argument("--mask_type", default="release", choices=["release", "block", "random"],
                    help="release: block-wise up to --num_mask_patches, random top-up to --mask_num, 0-3 swaps")
@@ -52,7 +92,8 @@ def get_args_parser():
     p.add_argument("--max_mask_patches_per_block", default=60, type=int)
 
     # losses and momentum encoder
-    p.add_argument("--feature_weight", default=1.0, type=float, help="weight of the feature-prediction loss")
+    p.add_argument("--feature_weight", default=1.0, type=float,
+                   help="weight of the feature-prediction loss; 0 = MAE: no feature predictor, no target encoder")
     p.add_argument("--weight_mask", action="store_true", help="weigh block centres up to 2x in the losses")
     p.add_argument("--model_ema", action="store_true", default=True,
                    help="momentum encoder for the feature targets (on by default; BootMAE needs it)")
@@ -129,14 +170,144 @@ def check_args(args):
     if args.mask_type == "release" and args.num_mask_patches > args.mask_num:
         raise utils.UsageError(f"--num_mask_patches {args.num_mask_patches} (block budget) exceeds --mask_num "
                                f"{args.mask_num}; lower it (the release uses 120 of 147)")
-    if args.feature_weight > 0 and not args.model_ema:
+    if args.feature_weight > 0 and not args.model_ema and args.target_encoder == "ema":
         raise utils.UsageError("--no_model_ema leaves the feature loss without targets; drop it, or set "
                                "--feature_weight 0 for pixel targets only")
+    check_ablation_args(args, args.encoder_depth or model_cfg["depth"], num_patches)
     if args.batch_size < 1 or args.update_freq < 1 or args.epochs < 1:
         raise utils.UsageError("--batch_size, --update_freq and --epochs must be at least 1")
     if args.resume and not os.path.isfile(args.resume):
         raise utils.UsageError(f"--resume {args.resume} does not exist; give the path of a checkpoint-*.pth")
     args.patch_size = patch
+
+
+def check_ablation_args(args, depth, num_patches):
+    """Refuse flag combinations of the ablations that make no sense, one line each."""
+    kind = args.target_encoder
+    if args.pixel_weight < 0 or args.feature_weight < 0:
+        raise utils.UsageError("--pixel_weight and --feature_weight must be >= 0")
+    if args.pixel_weight == 0 and args.feature_weight == 0:
+        raise utils.UsageError("--pixel_weight 0 and --feature_weight 0 leave nothing to learn; keep one of them")
+    if args.feature_weight == 0:
+        for flag, changed in (("--target_encoder", kind != "ema"), ("--target_checkpoint", args.target_checkpoint),
+                              ("--target_fraction", args.target_fraction != 1.0),
+                              ("--pixel_warmup_epochs", args.pixel_warmup_epochs),
+                              ("--context feature", args.context == "feature")):
+            if changed:
+                raise utils.UsageError(f"{flag} sets up the feature targets but --feature_weight 0 has none; "
+                                       f"drop {flag} or give the feature loss a weight")
+    # decoder widths are left alone: a table's shared recipe may set them for rows without that decoder
+    if args.pixel_weight == 0 and not args.pixel_warmup_epochs and args.context == "pixel":
+        raise utils.UsageError("--context pixel injects context into the pixel regressor, but --pixel_weight 0 "
+                               "builds none; use --context none or give the pixel loss a weight")
+    if not 0 < args.target_fraction <= 1:
+        raise utils.UsageError(f"--target_fraction {args.target_fraction} is outside (0, 1]; give the fraction "
+                               f"of the image fed to the momentum encoder, e.g. 0.25 or 1")
+    if args.target_fraction < 1:
+        count = target_patch_count(args.target_fraction, num_patches)
+        if not 1 <= count <= args.mask_num:
+            raise utils.UsageError(f"--target_fraction {args.target_fraction} feeds {count} of {num_patches} patches "
+                                   f"to the momentum encoder, but they are drawn from the {args.mask_num} masked "
+                                   f"ones; use at most {args.mask_num / num_patches:.4g} (1 = the full image)")
+    for flag, block in zip(("pixel", "feature"), args.context_blocks):
+        if not -depth <= block < depth:
+            raise utils.UsageError(f"--context_blocks: the {flag} block {block} is beyond the encoder's {depth} "
+                                   f"blocks of {args.model}; use 0..{depth - 1} (or -{depth}..-1)")
+    if kind == "fixed" and not args.target_checkpoint:
+        raise utils.UsageError("--target_encoder fixed needs --target_checkpoint (the encoder whose features are "
+                               "the targets)")
+    if args.target_checkpoint:
+        if kind != "fixed":
+            raise utils.UsageError(f"--target_checkpoint is only read by --target_encoder fixed, not {kind}; add "
+                                   f"--target_encoder fixed or drop it")
+        if not os.path.isfile(args.target_checkpoint):
+            raise utils.UsageError(f"--target_checkpoint {args.target_checkpoint} does not exist; give the path of "
+                                   f"a checkpoint")
+    if args.target_k < 1:
+        raise utils.UsageError(f"--target_k {args.target_k} must be at least 1 (epochs between target refreshes)")
+    if not 0 < args.target_tau <= 1:
+        raise utils.UsageError(f"--target_tau {args.target_tau} is outside (0, 1]; the report uses 0.005")
+    if args.slow_weight < 0:
+        raise utils.UsageError("--slow_weight must be >= 0")
+    if not 0 <= args.pixel_warmup_epochs < args.epochs:
+        raise utils.UsageError(f"--pixel_warmup_epochs {args.pixel_warmup_epochs} must be in 0..{args.epochs - 1} "
+                               f"(--epochs {args.epochs}), or the feature loss never starts")
+    if args.feature_ramp < 0 or args.feature_ramp > 1:
+        raise utils.UsageError(f"--feature_ramp {args.feature_ramp} is outside [0, 1] (a fraction of training)")
+    if kind != "ema" and not args.model_ema:
+        raise utils.UsageError(f"--no_model_ema switches off BootMAE's momentum encoder, not --target_encoder {kind}; "
+                               f"drop --no_model_ema")
+    for flag in ("encoder_dim", "encoder_depth", "encoder_heads", "decoder_num_heads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise utils.UsageError(f"--{flag} must be at least 1")
+    if args.encoder_dim and args.encoder_dim % 4:
+        raise utils.UsageError(f"--encoder_dim {args.encoder_dim} must be a multiple of 4 (sin-cos position table)")
+    if args.context == "none" and args.context_blocks != [0, -1]:
+        raise utils.UsageError("--context_blocks has no effect with --context none; drop one of them")
+    for flag in ("decoder_dim", "feature_decoder_dim"):
+        width = getattr(args, flag)
+        if width is not None and (width < 4 or width % 4):
+            raise utils.UsageError(f"--{flag} {width} must be a positive multiple of 4 (sin-cos position table)")
+
+
+def model_kwargs(args):
+    """Constructor arguments of the model the flags describe (the release's BootMAE by default). Which
+    branches exist: the pixel regressor unless the pixel loss is off for the whole run, the feature predictor
+    unless --feature_weight 0 (then no target encoder either: nothing unused under DDP)."""
+    pixel_branch = args.pixel_weight > 0 or args.pixel_warmup_epochs > 0
+    kw = dict(img_size=args.input_size, patch_size=args.patch_size, drop_path_rate=args.drop_path,
+              decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth)
+    if not pixel_branch:
+        kw["pixel_branch"] = False
+    if args.feature_weight == 0:
+        kw["feature_branch"] = False
+    if args.context in ("feature", "none"):
+        kw["pixel_context"] = False
+    if args.context in ("pixel", "none"):
+        kw["feature_context"] = False
+    if list(args.context_blocks) != [0, -1]:
+        kw["context_blocks"] = tuple(args.context_blocks)
+    for flag, key in (("encoder_dim", "embed_dim"), ("encoder_depth", "depth"), ("encoder_heads", "num_heads"),
+                      ("decoder_num_heads", "decoder_num_heads")):
+        if getattr(args, flag):
+            kw[key] = getattr(args, flag)
+    if args.feature_decoder_dim:
+        kw["feature_decoder_dim"] = args.feature_decoder_dim
+    return kw
+
+
+def build_model(args, **overrides):
+    """The online model of the flags; ``overrides`` replace constructor arguments (the tests shrink models)."""
+    model = create_model(args.model, **{**model_kwargs(args), **overrides})
+    model.default_cfg_name = args.model
+    return model
+
+
+def load_fixed_target(args, model):
+    """The frozen encoder of --target_checkpoint, with ``model``'s encoder architecture. Reads our and the
+    release's checkpoints and MAE's (its full qkv bias is split, and its position table, which orders the
+    sin-cos columns differently from ours, is used as stored)."""
+    from engine_for_pretraining import copy_encoder
+    path, key = args.target_checkpoint, args.target_checkpoint_key
+    ckpt = utils.load_checkpoint(path)
+    try:
+        state = modeling_bootmae.split_qkv_bias(modeling_bootmae.encoder_state_dict(ckpt, key))
+    except ValueError as e:
+        raise utils.UsageError(f"--target_checkpoint {path}: {utils.one_line_error(e)}") from e
+    net = copy_encoder(model)
+    try:
+        _, missing, _ = modeling_bootmae.load_encoder(net, state)
+    except ValueError as e:
+        raise utils.UsageError(f"--target_checkpoint {path}: {utils.one_line_error(e)}") from e
+    if missing:
+        raise utils.UsageError(f"--target_checkpoint {path} lacks {len(missing)} encoder tensors of --model "
+                               f"{args.model} (e.g. {missing[0]}); give a checkpoint of the same model size")
+    entry = next((ckpt[k] for k in key.split("|") if isinstance(ckpt, dict) and isinstance(ckpt.get(k), dict)), ckpt)
+    table = entry.get("pos_embed") if isinstance(entry, dict) else None
+    if torch.is_tensor(table) and table.shape == net.pos_embed.shape:
+        net.pos_embed.copy_(table)
+    utils.print0(f"fixed target encoder: {path} (entry '{key}'), {len(state)} tensors")
+    return net
 
 
 def resolve_amp(args, device):
@@ -158,16 +329,23 @@ def _check_shapes(model, state_dict, path, what):
     own = model.state_dict()
     bad = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in state_dict]
-    if bad or missing:
-        detail = f"{len(bad)} tensors of another shape (e.g. {bad[0]}: {tuple(state_dict[bad[0]].shape)} vs " \
-                 f"{tuple(own[bad[0]].shape)})" if bad else f"{len(missing)} missing tensors (e.g. {missing[0]})"
+    extra = [k for k in state_dict if k not in own]
+    if bad or missing or extra:
+        if bad:
+            detail = f"{len(bad)} tensors of another shape (e.g. {bad[0]}: {tuple(state_dict[bad[0]].shape)} vs " \
+                     f"{tuple(own[bad[0]].shape)})"
+        elif missing:
+            detail = f"{len(missing)} missing tensors (e.g. {missing[0]})"
+        else:
+            detail = f"{len(extra)} tensors this configuration does not have (e.g. {extra[0]})"
         raise utils.UsageError(f"{path} holds a {what} that does not fit --model {model.default_cfg_name}: "
-                               f"{detail}; pass the --model (and --decoder_dim/--decoder_depth) it was trained with")
+                               f"{detail}; pass the --model (and decoder and ablation flags) it was trained with")
 
 
-def resume(args, model, momentum_encoder, optimizer, loss_scaler):
-    """Loads model, EMA, optimizer and scaler state; returns the epoch to start from. Accepts our
-    checkpoints and the release's (its key names are converted)."""
+def resume(args, model, targets, optimizer, loss_scaler):
+    """Loads model, target encoder (the momentum encoder's ``model_ema``, or ``target_encoder``), optimizer
+    and scaler state; returns the epoch to start from. Accepts our checkpoints and the release's (its key
+    names are converted)."""
     path = args.resume
     if not path and args.auto_resume:
         path = utils.find_last_checkpoint(args.output_dir)
@@ -180,7 +358,8 @@ def resume(args, model, momentum_encoder, optimizer, loss_scaler):
     _check_shapes(model, state, path, "model")
     model.load_state_dict(state)
     release = is_release_state_dict(ckpt["model"])
-    if momentum_encoder is not None:
+    if targets is not None and targets.kind == "ema":
+        momentum_encoder = targets.ema
         if "model_ema" in ckpt:
             ema_state = _model_state(ckpt["model_ema"])
             _check_shapes(momentum_encoder.module, ema_state, path, "momentum encoder")
@@ -188,6 +367,17 @@ def resume(args, model, momentum_encoder, optimizer, loss_scaler):
         else:
             utils.print0(f"resume: {path} has no model_ema; the momentum encoder starts from the model")
             momentum_encoder.module.load_state_dict(state)
+    elif targets is not None:
+        saved = ckpt.get("target_encoder")
+        if saved is None:
+            how = ("read from --target_checkpoint" if targets.kind == "fixed"
+                   else "copied from the model when first used")
+            utils.print0(f"resume: {path} has no target_encoder; the {targets.kind} target is {how}")
+        elif saved.get("kind") != targets.kind:
+            raise utils.UsageError(f"{path} was trained with --target_encoder {saved.get('kind')}, not "
+                                   f"{targets.kind}; pass the flags it was trained with")
+        else:
+            targets.load_state_dict(saved["state"])
     if "optimizer" in ckpt and "epoch" in ckpt:
         if _optimizer_state_fits(optimizer, ckpt["optimizer"]):
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -214,15 +404,18 @@ def _optimizer_state_fits(optimizer, state):
     return True
 
 
-def save_checkpoint(args, epoch, model, momentum_encoder, optimizer, loss_scaler):
+def save_checkpoint(args, epoch, model, targets, optimizer, loss_scaler):
     """The release's layout (model, model_ema, optimizer, scaler, epoch, args), written atomically:
-    checkpoint-last.pth every epoch and checkpoint-<epoch>.pth every --save_ckpt_freq epochs and at the end."""
+    checkpoint-last.pth every epoch and checkpoint-<epoch>.pth every --save_ckpt_freq epochs and at the end.
+    The other target encoders go under ``target_encoder`` ({"kind", "state"}), so a resume is exact."""
     if not args.output_dir:
         return
     ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": loss_scaler.state_dict(),
             "epoch": epoch, "args": args}
-    if momentum_encoder is not None:
-        ckpt["model_ema"] = momentum_encoder.module.state_dict()
+    if targets is not None and targets.kind == "ema":
+        ckpt["model_ema"] = targets.ema.module.state_dict()
+    elif targets is not None:
+        ckpt["target_encoder"] = {"kind": targets.kind, "state": targets.state_dict()}
     utils.save_on_master(ckpt, os.path.join(args.output_dir, "checkpoint-last.pth"))
     if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
         utils.save_on_master(ckpt, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
@@ -238,7 +431,10 @@ def save_reconstruction(args, model, dataset, device, path, num_images=4):
     items = [dataset[i] for i in range(min(num_images, len(dataset)))]
     images = torch.stack([x for x, _ in items]).to(device)
     mask = torch.stack([torch.as_tensor(m).flatten() for _, m in items]).to(device)
-    pixel_pred, _ = model(images, mask)
+    pixel_pred, _ = model(images, mask, feature=False)
+    if pixel_pred is None:  # no pixel regressor (feature targets only): nothing to show
+        model.train()
+        return
     P = model.patch_size
     grid = model.grid_size(images)
     patches = patchify(images, P).reshape(*mask.shape, P * P, 3)
@@ -279,26 +475,30 @@ def main(args):
                  f"transform {dataset.transform!r}" if hasattr(dataset, "transform") else f"data: {len(dataset)} images")
 
     # model
-    model = create_model(args.model, img_size=args.input_size, patch_size=args.patch_size, drop_path_rate=args.drop_path,
-                         decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth)
-    model.default_cfg_name = args.model
+    model = build_model(args)
     model.to(device)
     utils.print0(f"model: {args.model}, {modeling_bootmae.count_trainable(model):,} trainable parameters")
     knn_monitor = eval_knn.KnnMonitor.from_args(args, device, amp_dtype)  # None unless --knn_freq
 
     model_ddp = model
     if args.distributed:
+        # a pixel-only warm-up leaves the feature predictor out of the first epochs' graphs (and, with
+        # --pixel_weight 0, the regressor out of the later ones); every other configuration uses every parameter
         model_ddp = DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None,
-                                            find_unused_parameters=False)
-    # after the DDP wrap, which broadcasts rank 0's initial weights: every rank's momentum encoder must
+                                            find_unused_parameters=args.pixel_warmup_epochs > 0)
+    # after the DDP wrap, which broadcasts rank 0's initial weights: every rank's target encoder must
     # start from those, not from its own (differently seeded) initialisation
-    momentum_encoder = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
-    target_fn = None
+    fixed = load_fixed_target(args, model) if args.target_encoder == "fixed" and args.feature_weight > 0 else None
+    targets = build_target_encoder(args, model, fixed)
+    momentum_encoder = targets.ema if targets is not None and targets.kind == "ema" else None
+    if targets is not None:
+        fed = target_patch_count(args.target_fraction, model.patch_embed.num_patches)
+        utils.print0(f"target encoder: {targets.kind}, {fed} patches per image fed to it")
     if args.compile:
         # the EMA update reads the uncompiled module's tensors, which the compiled graphs share
         model_ddp = torch.compile(model_ddp)
-        if momentum_encoder is not None:
-            target_fn = torch.compile(momentum_encoder.module.target_features)
+        if targets is not None:
+            targets.compile()
 
     # optimisation
     total_batch = args.batch_size * args.update_freq * world
@@ -317,7 +517,7 @@ def main(args):
     wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
     wd_schedule = utils.cosine_scheduler(args.weight_decay, wd_end, args.epochs, steps_per_epoch)
 
-    start_epoch = resume(args, model, momentum_encoder, optimizer, loss_scaler)
+    start_epoch = resume(args, model, targets, optimizer, loss_scaler)
     args.lr = base_lr  # checkpoints store the base lr, as given on the command line
 
     log_writer = None
@@ -328,12 +528,17 @@ def main(args):
 
     utils.print0(f"training epochs {start_epoch}..{args.epochs - 1}")
     start_time = time.time()
+    step_times, record = [], None
     for epoch in range(start_epoch, args.epochs):
         utils.seed_everything(args.seed + 1000003 * epoch + rank)
         sampler.set_epoch(epoch)
-        stats = train_one_epoch(model_ddp, momentum_encoder, loader, optimizer, loss_scaler, device, epoch,
-                                lr_schedule, wd_schedule, args, log_writer, amp_dtype, target_fn)
-        save_checkpoint(args, epoch, model, momentum_encoder, optimizer, loss_scaler)
+        stats = train_one_epoch(model_ddp, targets, loader, optimizer, loss_scaler, device, epoch,
+                                lr_schedule, wd_schedule, args, log_writer, amp_dtype)
+        save_checkpoint(args, epoch, model, targets, optimizer, loss_scaler)
+        # wall-clock time stays out of log.txt, whose records a resumed run reproduces exactly
+        step_times.append(stats.pop("s_per_step"))
+        if log_writer is not None:
+            log_writer.add_scalar("perf/s_per_step", step_times[-1], epoch)
         record = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
         if knn_monitor is not None:
             record.update(knn_monitor(epoch, model, momentum_encoder, log_writer))
@@ -351,6 +556,19 @@ def main(args):
     if log_writer is not None:
         log_writer.close()
     utils.print0(f"training time {utils.format_seconds(time.time() - start_time)}")
+    if args.metrics_json and utils.is_main_process() and record is not None:
+        write_metrics(args.metrics_json, record, step_times, time.time() - start_time, model)
+
+
+def write_metrics(path, record, step_times, seconds, model):
+    """The run's final metrics as one JSON object (scripts/ablations gathers these into tables)."""
+    steps = sorted(step_times)
+    metrics = {**record, "s_per_step": steps[len(steps) // 2], "train_seconds": seconds,
+               "trainable_parameters": modeling_bootmae.count_trainable(model)}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(metrics, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def cli():

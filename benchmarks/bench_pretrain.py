@@ -13,6 +13,12 @@ synchronisation; ``--repeats`` timed blocks give a median and spread.
 explicit softmax attention, a per-tensor python EMA loop and the for-loop AdamW. ``--path fast`` is this
 repository's default: SDPA attention, timm's foreach EMA, fused AdamW, optional ``torch.compile``.
 Prints a table line and one JSON line per configuration.
+
+Paper Table 5's rows: ``--target_fraction 0.25|0.5|0.75`` feeds that fraction of the patches (drawn from the
+masked ones) to the momentum encoder and evaluates the feature loss on them; ``--mae`` times the MAE baseline
+(no feature predictor, no momentum encoder, MAE's 8-block 512-wide decoder without cross-attention, random
+masks), e.g. ``for f in 0.25 0.5 0.75 1; do python benchmarks/bench_pretrain.py --batch_size 256 --amp bf16
+--target_fraction $f; done; python benchmarks/bench_pretrain.py --batch_size 256 --amp bf16 --mae``.
 """
 import argparse
 import json
@@ -27,7 +33,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import modeling_bootmae  # noqa: E402
-from engine_for_pretraining import bootmae_loss  # noqa: E402
+from engine_for_pretraining import bootmae_loss, sample_target_patches, target_patch_count  # noqa: E402
 from masking_generator import build_masking_generator  # noqa: E402
 
 # dense peak TFLOP/s (no sparsity) used when the device is recognised
@@ -51,8 +57,9 @@ def _block_flops(tokens, width, heads, mlp_ratio, context_tokens=0, context_dim=
     return f
 
 
-def bootmae_flops(model, num_patches, num_masked):
-    """Per image: (student forward, momentum-encoder forward, patch-embedding forward) FLOPs."""
+def bootmae_flops(model, num_patches, num_masked, teacher_patches=None):
+    """Per image: (student forward, momentum-encoder forward, patch-embedding forward) FLOPs. The momentum
+    encoder sees ``teacher_patches`` patches (default all); without a feature predictor (MAE) it costs 0."""
     D, P = model.embed_dim, model.patch_size
     depth, heads = len(model.blocks), model.num_heads
     ratio = model.blocks[0].mlp.fc1.out_features / D
@@ -61,18 +68,24 @@ def bootmae_flops(model, num_patches, num_masked):
     patch_embed = 2 * num_patches * 3 * P * P * D
     encoder = patch_embed + depth * _block_flops(vis, D, heads, ratio)
     student = encoder
-    for dec, width, head_out in ((model.pixel_decoder, model.decoder_dim, 3 * P * P),
-                                 (model.feature_decoder, D, D)):
-        dheads = dec.blocks[0].attn.num_heads
-        student += 2 * vis * D * width + len(dec.blocks) * _block_flops(full, width, dheads, ratio, vis, D)
+    for dec, head_out in ((model.pixel_decoder, 3 * P * P), (model.feature_decoder, D)):
+        if dec is None:
+            continue
+        width, dheads = dec.embed.out_features, dec.blocks[0].attn.num_heads
+        context = vis if dec.has_context else 0
+        student += 2 * vis * D * width + len(dec.blocks) * _block_flops(full, width, dheads, ratio, context, D)
         student += 2 * num_patches * width * head_out
-    teacher = patch_embed + depth * _block_flops(full, D, heads, ratio)
+    teacher = 0
+    if model.feature_decoder is not None:
+        fed = num_patches if teacher_patches is None else teacher_patches
+        # the patch embedding runs on the whole image before the subset is gathered
+        teacher = patch_embed + depth * _block_flops(1 + fed, D, heads, ratio)
     return student, teacher, patch_embed
 
 
-def train_step_flops(model, num_patches, num_masked):
+def train_step_flops(model, num_patches, num_masked, teacher_patches=None):
     """Forward + backward (2x forward; the patch embedding needs no input gradient) + momentum forward."""
-    student, teacher, patch_embed = bootmae_flops(model, num_patches, num_masked)
+    student, teacher, patch_embed = bootmae_flops(model, num_patches, num_masked, teacher_patches)
     return 3 * student - patch_embed + teacher
 
 
@@ -110,8 +123,11 @@ def build(args, path, device, amp_dtype):
         model = create_model(args.model + "_patch16_224" if "patch" not in args.model else args.model,
                              img_size=args.input_size, num_classes=1000, drop_path_rate=0.1).to(device)
     else:
+        # --mae: MAE's model from the same class (run_pretraining.py --feature_weight 0 --context none
+        # --decoder_depth 8 --decoder_num_heads 16)
+        mae = dict(feature_branch=False, pixel_context=False, decoder_depth=8, decoder_num_heads=16) if args.mae else {}
         model = create_model(args.model, img_size=args.input_size, patch_size=args.patch_size,
-                             drop_path_rate=0.0).to(device)
+                             drop_path_rate=0.0, **mae).to(device)
     if args.checkpointing:
         model.set_grad_checkpointing(True)
     fast = path == "fast"
@@ -122,7 +138,7 @@ def build(args, path, device, amp_dtype):
     else:
         optimizer = torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), foreach=False)
     ema = None
-    if args.task == "pretrain":
+    if args.task == "pretrain" and not args.mae:
         ema = ModelEmaV3(model, decay=0.999) if fast else PlainEMA(model)
     step_model = model
     teacher_fn = ema.module.target_features if ema is not None else None
@@ -138,7 +154,8 @@ def make_batches(args, model, device, n=4):
     grid = args.input_size // model.patch_size
     num_patches = grid * grid
     mask_num = args.mask_num or round(0.75 * num_patches)
-    gen = build_masking_generator("release", (grid, grid), mask_num, round(mask_num * 120 / 147),
+    gen = build_masking_generator("random" if args.mae else "release", (grid, grid), mask_num,
+                                  round(mask_num * 120 / 147),
                                   max_num_patches=max(16, round(60 * num_patches / 196)),
                                   min_num_patches=min(16, max(1, num_patches // 12)),
                                   rng=__import__("numpy").random.default_rng(0))
@@ -172,10 +189,16 @@ class Runner:
             if args.task == "finetune":
                 loss = torch.nn.functional.cross_entropy(self.step_model(images).float(), labels)
             else:
-                target = self.teacher_fn(images)
+                ids = target = None
+                if self.teacher_fn is not None and args.target_fraction < 1:
+                    ids = sample_target_patches(mask, self.mask_num,
+                                                target_patch_count(args.target_fraction, self.num_patches))
+                if self.teacher_fn is not None:
+                    target = self.teacher_fn(images) if ids is None else self.teacher_fn(images, ids)
                 pixel_pred, feature_pred = self.step_model(images, mask, self.mask_num)
         if args.task == "pretrain":
-            pl, fl = bootmae_loss(pixel_pred, feature_pred, target, images, mask, model.patch_size, True)
+            pl, fl = bootmae_loss(pixel_pred, feature_pred, target, images, mask, model.patch_size, not args.mae,
+                                  target_ids=ids)
             loss = pl + fl
         loss.backward()
         self.optimizer.step()
@@ -211,7 +234,8 @@ class Runner:
         if args.task == "finetune":
             flops = classifier_flops(model, self.num_patches, 1000)
         else:
-            flops = train_step_flops(model, self.num_patches, self.mask_num)
+            flops = train_step_flops(model, self.num_patches, self.mask_num,
+                                     None if args.mae else target_patch_count(args.target_fraction, self.num_patches))
         measured = None
         if args.check_flops:
             from torch.utils.flop_counter import FlopCounterMode
@@ -239,7 +263,8 @@ class Runner:
                     gflops_per_image_flop_counter=None if measured is None else measured / 1e9,
                     achieved_tflops=flops * images_per_s / 1e12,
                     mfu=None if peak is None else flops * images_per_s / (peak * 1e12), peak_tflops=peak,
-                    peak_memory_gib=peak_mem, peak_memory_kind=mem_kind)
+                    peak_memory_gib=peak_mem, peak_memory_kind=mem_kind, mae=args.mae,
+                    target_fraction=None if args.mae else args.target_fraction)
 
 
 def main():
@@ -261,6 +286,9 @@ def main():
     p.add_argument("--peak_tflops", default=None, type=float, help="device peak for MFU (default: known GPUs)")
     p.add_argument("--check_flops", action="store_true", help="also count FLOPs with torch.utils.flop_counter")
     p.add_argument("--json", default=None, help="append JSON lines to this file")
+    p.add_argument("--mae", action="store_true", help="the MAE baseline of paper Table 5 (see above)")
+    p.add_argument("--target_fraction", default=1.0, type=float,
+                   help="fraction of the patches fed to the momentum encoder (paper Table 5; 1 = the full image)")
     args = p.parse_args()
     device = torch.device(args.device)
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
