@@ -19,7 +19,6 @@ import contextlib
 import json
 import math
 import os
-import sys
 
 import torch
 import torch.distributed as dist
@@ -346,16 +345,7 @@ def main(args):
 
 
 def cli():
-    parser = argparse.ArgumentParser("BootMAE kNN evaluation", parents=[get_args_parser()])
-    args = parser.parse_args()
-    try:
-        main(args)
-    except utils.UsageError as e:
-        print(f"error: {utils.one_line_error(e)}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    finally:
-        if utils.is_dist():
-            dist.destroy_process_group()
+    utils.run_cli("BootMAE kNN evaluation", get_args_parser, main, ())
 
 
 if __name__ == "__main__":

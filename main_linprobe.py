@@ -27,7 +27,6 @@ import contextlib
 import json
 import math
 import os
-import sys
 import time
 
 import torch
@@ -480,16 +479,7 @@ def main(args):
 
 
 def cli():
-    parser = argparse.ArgumentParser("BootMAE linear probing", parents=[get_args_parser()])
-    args = parser.parse_args()
-    try:
-        main(args)
-    except (utils.UsageError, NonFiniteLossError) as e:
-        print(f"error: {utils.one_line_error(e)}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    finally:
-        if utils.is_dist():
-            dist.destroy_process_group()
+    utils.run_cli("BootMAE linear probing", get_args_parser, main, (NonFiniteLossError,))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import socket
-import sys
 import time
 
 import torch
@@ -650,16 +649,7 @@ def main(args):
 
 
 def cli():
-    parser = argparse.ArgumentParser("BootMAE fine-tuning", parents=[get_args_parser()])
-    args = parser.parse_args()
-    try:
-        main(args)
-    except (utils.UsageError, NonFiniteLossError) as e:
-        print(f"error: {utils.one_line_error(e)}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    finally:
-        if utils.is_dist():
-            torch.distributed.destroy_process_group()
+    utils.run_cli("BootMAE fine-tuning", get_args_parser, main, (NonFiniteLossError,))
 
 
 if __name__ == "__main__":

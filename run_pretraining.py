@@ -8,7 +8,6 @@ Flags and defaults follow the authors' release; see README.md.
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
@@ -572,18 +571,11 @@ def write_metrics(path, record, step_times, seconds, model):
 
 
 def cli():
-    parser = argparse.ArgumentParser("BootMAE pretraining", parents=[get_args_parser()])
-    args = parser.parse_args()
-    if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
-    try:
-        main(args)
-    except (utils.UsageError, NonFiniteLossError) as e:
-        print(f"error: {utils.one_line_error(e)}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    finally:
-        if utils.is_dist():
-            torch.distributed.destroy_process_group()
+    def make_output_dir(args):
+        if args.output_dir:
+            os.makedirs(args.output_dir, exist_ok=True)
+
+    utils.run_cli("BootMAE pretraining", get_args_parser, main, (NonFiniteLossError,), before=make_output_dir)
 
 
 if __name__ == "__main__":

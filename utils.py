@@ -303,3 +303,20 @@ def load_pretrained_encoder(model, path, model_key="model|module"):
         shown = ", ".join(unused[:8]) + (f", ... ({len(unused) - 8} more)" if len(unused) > 8 else "")
         print0(f"  in the checkpoint but not used ({len(unused)}): {shown}")
     return loaded, missing, unused
+
+
+def run_cli(description, get_args_parser, main, errors=(), before=None):
+    """The entry points' command line: parse, run ``main(args)``, and report user errors (UsageError and
+    ``errors``) as one ``error: ...`` line with exit status 2; the process group is always torn down."""
+    import sys
+    args = argparse.ArgumentParser(description, parents=[get_args_parser()]).parse_args()
+    try:
+        if before is not None:
+            before(args)
+        main(args)
+    except (UsageError, *errors) as e:
+        print(f"error: {one_line_error(e)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if is_dist():
+            dist.destroy_process_group()
