@@ -378,6 +378,10 @@ def train_one_epoch(model, targets, data_loader, optimizer, loss_scaler, device,
     momentum = ema_momentum_at(epoch, args.model_ema_decay, args.model_ema_dynamic,
                                args.model_ema_warmup_epochs, args.model_ema_dynamic_epochs)
     use_targets = targets is not None and feature_weight > 0
+    # under --compile the losses are compiled too: their normalisations and reductions become a few kernels
+    compiled = getattr(args, "compile", False)
+    pixel_loss_fn = torch.compile(pixel_loss) if compiled else pixel_loss
+    feature_loss_fn = torch.compile(feature_loss) if compiled else feature_loss
     fraction = getattr(args, "target_fraction", 1.0)
     if use_targets:
         targets.begin_epoch(epoch, unwrapped)
@@ -413,10 +417,10 @@ def train_one_epoch(model, targets, data_loader, optimizer, loss_scaler, device,
         grid = (images.shape[-2] // patch_size, images.shape[-1] // patch_size)
         weight = loss_weights(mask, grid, args.weight_mask)
         zero = weight.new_zeros(())
-        pix = pixel_loss(pixel_pred, images, weight, patch_size) if pixel_pred is not None else zero
+        pix = pixel_loss_fn(pixel_pred, images, weight, patch_size) if pixel_pred is not None else zero
         # the targets' weighted sum (MAE-new: L_fast + lambda * L_slow); one target of weight 1 is just its loss
-        terms = [feature_loss(feature_pred, target, weight, target_ids) * w if w != 1.0
-                 else feature_loss(feature_pred, target, weight, target_ids) for w, target in target_list]
+        terms = [feature_loss_fn(feature_pred, target, weight, target_ids) * w if w != 1.0
+                 else feature_loss_fn(feature_pred, target, weight, target_ids) for w, target in target_list]
         fea = sum(terms[1:], terms[0]) if terms else zero
         loss = pixel_weight * pix + feature_weight * fea
         first_bad = (bad[0] < 0) & ~torch.isfinite(loss)

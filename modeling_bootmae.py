@@ -73,12 +73,29 @@ class fused_attention:
 def attention(q, k, v, dropout_p=0.0):
     """q: [B, H, N, d], k/v: [B, H, M, d] -> [B, H, N, d]."""
     if FUSED_ATTENTION:
+        if q.is_cuda and q.shape[-1] % 8:
+            return padded_attention(q, k, v, dropout_p)
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     attn = attn.softmax(dim=-1)
     if dropout_p > 0:
         attn = F.dropout(attn, dropout_p)
     return attn @ v
+
+
+def padded_attention(q, k, v, dropout_p=0.0, multiple=8):
+    """SDPA with the head dim zero-padded to a multiple of ``multiple``.
+
+    The fast GPU kernels (cuDNN, flash) want head dims in multiples of 8; the release's 512-wide pixel
+    decoder with 12 heads has 42 (a 2.4x slower kernel on an H100). Zero columns in q and k leave every dot
+    product unchanged, the padded output columns (zero columns of v) are dropped, and the scale stays
+    1/sqrt(true head dim): the same attention.
+    """
+    d = q.shape[-1]
+    pad = (0, -d % multiple)
+    out = F.scaled_dot_product_attention(F.pad(q, pad), F.pad(k, pad), F.pad(v, pad), dropout_p=dropout_p,
+                                         scale=d ** -0.5)
+    return out[..., :d]
 
 
 def _qv_bias(q_bias, v_bias):
@@ -267,10 +284,25 @@ class VisionTransformer(nn.Module):
             return pos_embed
         return sincos_pos_embed_2d(dim or pos_embed.shape[-1], *grid).to(pos_embed)
 
-    def embed(self, images):
-        """images: [B, 3, H, W] -> patch tokens with position embedding [B, N, D], and the table [1, 1+N, D]"""
-        pos = self.get_pos_embed(self.grid_size(images))
-        return self.patch_embed(images) + pos[:, 1:], pos
+    def embed(self, images, ids=None):
+        """images: [B, 3, H, W] -> patch tokens with position embedding [B, N, D], and the table [1, 1+N, D].
+        With ``ids`` [B, n] only those patches are embedded: [B, n, D], in the order of ``ids``.
+
+        The embedding is the stride-P convolution ``patch_embed.proj`` (kept as such for checkpoints),
+        computed as the linear map over each patch's (C, P, P) pixels that it is: one matrix product with
+        no convolution layout conversions, and patches dropped before it (the student's masked ones) cost
+        nothing. Dropped patches get no gradient either way, so the mathematics is unchanged.
+        """
+        h, w = self.grid_size(images)
+        pos = self.get_pos_embed((h, w))
+        B, C, P = images.shape[0], images.shape[1], self.patch_size
+        pixels = images.reshape(B, C, h, P, w, P).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C * P * P)
+        patch_pos = pos[:, 1:].expand(B, -1, -1)
+        if ids is not None:
+            pixels = torch.gather(pixels, 1, ids[..., None].expand(-1, -1, pixels.shape[-1]))
+            patch_pos = torch.gather(patch_pos, 1, ids[..., None].expand(-1, -1, patch_pos.shape[-1]))
+        proj = self.patch_embed.proj
+        return F.linear(pixels, proj.weight.reshape(proj.out_channels, -1), proj.bias) + patch_pos, pos
 
     def with_cls(self, x, pos):
         return torch.cat([(self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1), x], dim=1)
@@ -293,9 +325,7 @@ class VisionTransformer(nn.Module):
         """Feature targets (call on the target network): the patch tokens of the last block, before the
         final norm, [B, N, D] for full images [B, 3, H, W]. With ``ids`` [B, n] only those patches (plus the
         cls token) are fed to the network and their n tokens are returned, in the order of ``ids``."""
-        x, pos = self.embed(images)
-        if ids is not None:
-            x = torch.gather(x, 1, ids[..., None].expand(-1, -1, x.shape[-1]))
+        x, pos = self.embed(images, ids)
         x = self.with_cls(x, pos)
         for blk in self.blocks:
             x = blk(x)
@@ -430,8 +460,7 @@ class BootMAE(VisionTransformer):
     def forward_encoder(self, images, ids_keep):
         """Encoder on the visible patches: images [B, 3, H, W], ids_keep [B, Nv] ->
         (normed tokens [B, 1+Nv, D], {block: its output [B, 1+Nv, D]} for the injected blocks)"""
-        x, pos = self.embed(images)
-        x = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))
+        x, pos = self.embed(images, ids_keep)
         x = self.with_cls(x, pos)
         feats = {}
         for i, blk in enumerate(self.blocks):

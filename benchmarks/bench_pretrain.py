@@ -177,6 +177,7 @@ class Runner:
             built = build(args, path, device, amp_dtype)
         self.model, self.step_model, self.optimizer, self.ema, self.teacher_fn = built
         self.batches, self.num_patches, self.mask_num = make_batches(args, self.model, device)
+        self.loss_fn = torch.compile(bootmae_loss) if path == "fast" and args.compile else bootmae_loss
         self.autocast = dict(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
         self.times = []
         self.i = 0
@@ -197,7 +198,7 @@ class Runner:
                     target = self.teacher_fn(images) if ids is None else self.teacher_fn(images, ids)
                 pixel_pred, feature_pred = self.step_model(images, mask, self.mask_num)
         if args.task == "pretrain":
-            pl, fl = bootmae_loss(pixel_pred, feature_pred, target, images, mask, model.patch_size, not args.mae,
+            pl, fl = self.loss_fn(pixel_pred, feature_pred, target, images, mask, model.patch_size, not args.mae,
                                   target_ids=ids)
             loss = pl + fl
         loss.backward()
@@ -267,6 +268,19 @@ class Runner:
                     target_fraction=None if args.mae else args.target_fraction)
 
 
+def profile_steps(runner, path, steps=2):
+    """Operator/kernel table of ``steps`` training steps, sorted by device time (CPU time on CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runner.device.type == "cuda" else [])
+    with modeling_bootmae.fused_attention(runner.path == "fast"), profile(activities=activities) as prof:
+        for _ in range(steps):
+            runner.step()
+        runner.sync()
+    key = "self_cuda_time_total" if runner.device.type == "cuda" else "self_cpu_time_total"
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by=key, row_limit=60, max_name_column_width=90))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="pretrain", choices=["pretrain", "finetune"])
@@ -287,6 +301,8 @@ def main():
     p.add_argument("--check_flops", action="store_true", help="also count FLOPs with torch.utils.flop_counter")
     p.add_argument("--json", default=None, help="append JSON lines to this file")
     p.add_argument("--mae", action="store_true", help="the MAE baseline of paper Table 5 (see above)")
+    p.add_argument("--profile", default=None,
+                   help="after timing, profile two steps of the first path and write the kernel table to this file")
     p.add_argument("--target_fraction", default=1.0, type=float,
                    help="fraction of the patches fed to the momentum encoder (paper Table 5; 1 = the full image)")
     args = p.parse_args()
@@ -299,6 +315,8 @@ def main():
     for _ in range(args.repeats):
         for r in runners:
             r.time_block()
+    if args.profile:
+        profile_steps(runners[0], args.profile)
     results = []
     for runner in runners:
         r = runner.result()

@@ -69,6 +69,22 @@ def test_sdpa_matches_explicit_softmax():
     assert plain[1] > 0 and any(g.abs().sum() > 0 for g in plain[2].values())
 
 
+@pytest.mark.parametrize("head_dim,kv_len", [(42, 17), (42, 5), (64, 17)])
+def test_padded_attention_matches_explicit_softmax(head_dim, kv_len):
+    # the path GPUs take for head dims that are not multiples of 8 (the release's pixel decoder has 42)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, head_dim, dtype=torch.float64, requires_grad=True) for n in (17, kv_len, kv_len))
+    padded = mb.padded_attention(q, k, v)
+    with mb.fused_attention(False):
+        plain = mb.attention(q, k, v)
+    assert padded.shape == plain.shape == (2, 3, 17, head_dim)
+    torch.testing.assert_close(padded, plain, rtol=1e-10, atol=1e-10)
+    grads_padded = torch.autograd.grad(padded.square().sum(), (q, k, v))
+    grads_plain = torch.autograd.grad(plain.square().sum(), (q, k, v))
+    for a, b in zip(grads_padded, grads_plain):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 def test_fused_adamw_matches_default_adamw():
     models = [_tiny(), _tiny()]
     images, mask = _batch(models[0])
