@@ -47,7 +47,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, arg
     the global optimisation step, so a resumed run continues them exactly.
     """
     model.train()
-    unwrapped = model.module if hasattr(model, "module") else model
+    unwrapped = utils.unwrap_model(model)
     update_freq = args.update_freq
     steps_per_epoch = len(data_loader) // update_freq
     names = ["loss", "grad_norm"] + ([] if mixup_fn is not None else ["class_acc"])

@@ -366,9 +366,7 @@ def train_one_epoch(model, targets, data_loader, optimizer, loss_scaler, device,
     ``lr_schedule``/``wd_schedule`` are per-step arrays indexed by the global optimisation step, so a resumed
     run continues them exactly."""
     model.train()
-    # the plain module under torch.compile (``_orig_mod``) and DDP (``module``) wrappers
-    unwrapped = getattr(model, "_orig_mod", model)
-    unwrapped = getattr(unwrapped, "module", unwrapped)
+    unwrapped = utils.unwrap_model(model)
     if isinstance(targets, ModelEmaV3):
         targets = EmaTarget(targets, target_fn)
     patch_size = unwrapped.patch_size

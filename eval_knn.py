@@ -278,14 +278,6 @@ def get_args_parser():
     return p
 
 
-def resolve_amp(name, device):
-    if name is None:
-        name = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "none"
-    if name == "fp16" and device.type != "cuda":
-        raise utils.UsageError("--amp fp16 needs a CUDA device; use --amp bf16 or none on CPU")
-    return name, {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[name]
-
-
 def build_encoder(size, input_size, patch_size=None):
     """The plain encoder (``VisionTransformer``: blocks and final norm, no decoders, no head)."""
     cfg = dict(modeling_bootmae.MODEL_SIZES[size])
@@ -319,7 +311,7 @@ def main(args):
         raise utils.UsageError("--k and --batch_size must be at least 1 and --temperature positive")
     utils.init_distributed_mode(args)
     device = torch.device(args.device)
-    args.amp, amp_dtype = resolve_amp(args.amp, device)
+    args.amp, amp_dtype = utils.resolve_amp(args.amp, device)
 
     from datasets import build_dataset
     train_set, _ = build_dataset(True, args)

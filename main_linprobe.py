@@ -164,14 +164,6 @@ def check_matches_checkpoint(args, ckpt_args, path):
                                    f"trained with; use the same value (or another --output_dir for a new probe)")
 
 
-def resolve_amp(args, device):
-    if args.amp is None:
-        args.amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "none"
-    if args.amp == "fp16" and device.type != "cuda":
-        raise utils.UsageError("--amp fp16 needs a CUDA device; use --amp bf16 or none on CPU")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
-
-
 # ---------------------------------------------------------------------------------------------------------
 # data
 
@@ -379,7 +371,7 @@ def main(args):
 
     utils.init_distributed_mode(args)
     device = torch.device(args.device)
-    amp_dtype = resolve_amp(args, device)
+    args.amp, amp_dtype = utils.resolve_amp(args.amp, device)
     world, rank = utils.get_world_size(), utils.get_rank()
 
     # data (bad paths stop here, before the model is built or anything written)

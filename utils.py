@@ -320,3 +320,20 @@ def run_cli(description, get_args_parser, main, errors=(), before=None):
     finally:
         if is_dist():
             dist.destroy_process_group()
+
+
+def resolve_amp(name, device):
+    """``--amp`` for ``device``: (name, autocast dtype or None). Default (None): bf16 on CUDA where supported,
+    else fp16; none (float32) on CPU. fp16 needs CUDA (its loss scaling is a CUDA feature here)."""
+    if name is None:
+        name = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "none"
+    if name == "fp16" and device.type != "cuda":
+        raise UsageError("--amp fp16 needs a CUDA device; use --amp bf16 or none on CPU")
+    return name, {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[name]
+
+
+def unwrap_model(model):
+    """The plain module under torch.compile (``_orig_mod``) and DDP (``module``) wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)

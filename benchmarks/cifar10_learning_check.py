@@ -12,6 +12,7 @@
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -62,7 +63,7 @@ def probe(args, checkpoint, out_dir, name):
            "--input_size", "32", "--crop_pct", "1.0", "--data_set", "npz", "--data_path", args.data_path,
            "--finetune", checkpoint, "--model_key", "model_ema|model", "--global_pool", "--depth", "12",
            "--epochs", str(args.probe_epochs), "--warmup_epochs", "1", "--batch_size", "256", "--blr", "0.1",
-           "--num_workers", str(args.num_workers), "--device", "cpu", "--output_dir", os.path.join(out_dir, name),
+           "--num_workers", str(args.num_workers), "--device", args.device, "--output_dir", os.path.join(out_dir, name),
            "--no_auto_resume"]
     run(cmd, os.path.join(out_dir, f"{name}.log"))
     with open(os.path.join(out_dir, name, "log.txt")) as f:
@@ -76,7 +77,17 @@ def main():
     p.add_argument("--output_dir", default=os.path.join(ROOT, "output", "cifar10_learning_check"))
     p.add_argument("--epochs", default=10, type=int, help="pretraining epochs")
     p.add_argument("--probe_epochs", default=10, type=int, help="linear-probe epochs")
+    p.add_argument("--batch_size", default=256, type=int, help="pretraining batch")
+    p.add_argument("--lr", default=1.5e-3, type=float, help="base lr (scaled by batch / 256, as run_pretraining.py does)")
+    p.add_argument("--warmup_epochs", default=1, type=int)
+    p.add_argument("--weight_mask", action=argparse.BooleanOptionalAction, default=True,
+                   help="the release's neighbourhood-weighted loss")
+    p.add_argument("--model_ema_decay", default=0.99, type=float)
+    p.add_argument("--knn_freq", default=0, type=int,
+                   help="also log the kNN accuracy during pretraining every N epochs (run_pretraining.py --knn_freq)")
     p.add_argument("--num_workers", default=1, type=int)
+    p.add_argument("--device", default="cpu", help="device for pretraining and the linear probes")
+    p.add_argument("--pretrain_args", default="", help="further run_pretraining.py flags, e.g. '--no-compile'")
     args = p.parse_args()
     out = args.output_dir
     os.makedirs(out, exist_ok=True)
@@ -95,22 +106,35 @@ def main():
     pretrain_cmd = [sys.executable, "run_pretraining.py", "--data_set", "npz", "--data_path", args.data_path,
                     "--model", "bootmae_tiny", "--input_size", "32", "--patch_size", "4", "--decoder_dim", "128",
                     "--mask_num", "48", "--num_mask_patches", "39", "--min_mask_patches_per_block", "4",
-                    "--max_mask_patches_per_block", "16", "--batch_size", "256", "--epochs", str(args.epochs),
-                    "--warmup_epochs", "1", "--lr", "1.5e-3", "--min_lr", "1e-5", "--drop_path", "0",
-                    "--weight_mask", "--model_ema_decay", "0.99", "--model_ema_warmup_epochs", str(args.epochs),
-                    "--num_workers", str(args.num_workers), "--device", "cpu", "--print_freq", "10",
+                    "--max_mask_patches_per_block", "16", "--batch_size", str(args.batch_size),
+                    "--epochs", str(args.epochs), "--warmup_epochs", str(args.warmup_epochs), "--lr", str(args.lr),
+                    "--min_lr", "1e-5", "--drop_path", "0", "--model_ema_decay", str(args.model_ema_decay),
+                    "--model_ema_warmup_epochs", str(args.epochs),
+                    "--num_workers", str(args.num_workers), "--device", args.device, "--print_freq", "20",
                     "--save_ckpt_freq", str(args.epochs), "--output_dir", pre_dir, "--no_auto_resume"]
+    if args.weight_mask:
+        pretrain_cmd.append("--weight_mask")
+    pretrain_cmd += shlex.split(args.pretrain_args)
+    if args.knn_freq:
+        pretrain_cmd += ["--knn_freq", str(args.knn_freq), "--knn_data_set", "npz", "--knn_data_path", args.data_path,
+                         "--knn_batch_size", "500"]
     pretrain_s = run(pretrain_cmd, os.path.join(out, "pretrain.log"))
     ckpt = os.path.join(pre_dir, "checkpoint-last.pth")
 
     results = {"pretrain_epochs": args.epochs, "pretrain_seconds": pretrain_s, "threads": torch.get_num_threads(),
+               "config": {k: v for k, v in vars(args).items() if k not in ("data_path", "output_dir")},
                "knn_top1": {}, "linear_top1": {}}
+    print(f"pretraining: {pretrain_s / 60:.1f} min", flush=True)
     t0 = time.time()
-    results["knn_top1"]["raw pixels"] = knn_of_pixels(args)
-    results["knn_top1"]["random init"] = knn_of_checkpoint(args, init_path)
-    results["knn_top1"]["BootMAE"] = knn_of_checkpoint(args, ckpt)
-    results["linear_top1"]["random init"] = probe(args, init_path, out, "probe_init")
-    results["linear_top1"]["BootMAE"] = probe(args, ckpt, out, "probe_bootmae")
+    # each figure is printed as soon as it is known, so a long evaluation shows progress
+    for name, fn in (("raw pixels", lambda: knn_of_pixels(args)),
+                     ("random init", lambda: knn_of_checkpoint(args, init_path)),
+                     ("BootMAE", lambda: knn_of_checkpoint(args, ckpt))):
+        results["knn_top1"][name] = fn()
+        print(f"kNN top-1 {name}: {results['knn_top1'][name]:.2f} %", flush=True)
+    for name, path, sub in (("random init", init_path, "probe_init"), ("BootMAE", ckpt, "probe_bootmae")):
+        results["linear_top1"][name] = probe(args, path, out, sub)
+        print(f"linear probe top-1 {name}: {results['linear_top1'][name]:.2f} %", flush=True)
     results["eval_seconds"] = time.time() - t0
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)

@@ -216,6 +216,23 @@ def test_single_process_train_resume_and_eval(files, capsys):
         assert result[f"ema_{key}"] == log[-1][f"test_ema_{key}"], key
 
 
+def test_compiled_training_matches_eager(files, capsys):
+    # --compile (on by default for CUDA) trains the same model as the eager path
+    logs = {}
+    for name, flag in (("eager", "--no-compile"), ("compiled", "--compile")):
+        out = files["root"] / name
+        stdout = _in_process(_common(files, out, "--epochs", "1", "--seed", "3", flag), capsys)
+        assert ("torch.compile: training forward compiled" in stdout) == (name == "compiled")
+        logs[name] = _log(out)[-1]
+    assert logs["compiled"]["train_loss"] == pytest.approx(logs["eager"]["train_loss"], rel=1e-4)
+    assert logs["compiled"]["test_loss"] == pytest.approx(logs["eager"]["test_loss"], rel=1e-4)
+
+
+def test_error_compile_with_deepspeed(files, guarded_out, monkeypatch, capsys):
+    err = _cli_error(monkeypatch, capsys, _common(files, guarded_out, "--enable_deepspeed", "--compile"))
+    assert "--compile is not supported with --enable_deepspeed" in err
+
+
 def test_torchrun_two_processes_and_sharded_eval(files):
     out = files["root"] / "torchrun"
     launcher = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port())

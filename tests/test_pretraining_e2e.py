@@ -105,6 +105,20 @@ def run_a(tmp_path_factory):
 
 # -------------------------------------------------------------------------------------- 1. CPU end to end
 
+def test_compiled_run_matches_eager(run_a, tmp_path):
+    # --compile (the default on CUDA) compiles the model, the momentum encoder and the losses; one epoch of
+    # it gives the eager run's losses
+    eager_out, eager_proc = run_a
+    assert "torch.compile:" not in eager_proc.stdout  # off by default on CPU
+    out = str(tmp_path / "compiled")
+    proc = run_cli(DEMO[:-1] + ["1", "--compile", "--output_dir", out], OMP_NUM_THREADS="1")
+    _ok(proc)
+    assert "torch.compile: model, target encoder and losses compiled" in proc.stdout
+    compiled, eager = _log(out)[0], _log(eager_out)[0]
+    for key in ("train_loss", "train_pixel_loss", "train_feature_loss"):
+        assert compiled[key] == pytest.approx(eager[key], rel=1e-4), key
+
+
 def test_cpu_demo_run_outputs(run_a):
     out, proc = run_a
     names = sorted(os.listdir(out))
