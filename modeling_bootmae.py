@@ -87,8 +87,8 @@ def padded_attention(q, k, v, dropout_p=0.0, multiple=8):
     """SDPA with the head dim zero-padded to a multiple of ``multiple``.
 
     The fast GPU kernels (cuDNN, flash) want head dims in multiples of 8; the release's 512-wide pixel
-    decoder with 12 heads has 42 (a 2.4x slower kernel on an H100). Zero columns in q and k leave every dot
-    product unchanged, the padded output columns (zero columns of v) are dropped, and the scale stays
+    decoder with 12 heads has 42 (a kernel about 2x slower on an H100). Zero columns in q and k leave every
+    dot product unchanged, the padded output columns (zero columns of v) are dropped, and the scale stays
     1/sqrt(true head dim): the same attention.
     """
     d = q.shape[-1]

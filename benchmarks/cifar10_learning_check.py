@@ -62,7 +62,8 @@ def probe(args, checkpoint, out_dir, name):
     cmd = [sys.executable, "main_linprobe.py", "--model", "bootmae_tiny_patch16_224", "--patch_size", "4",
            "--input_size", "32", "--crop_pct", "1.0", "--data_set", "npz", "--data_path", args.data_path,
            "--finetune", checkpoint, "--model_key", "model_ema|model", "--global_pool", "--depth", "12",
-           "--epochs", str(args.probe_epochs), "--warmup_epochs", "1", "--batch_size", "256", "--blr", str(args.probe_blr),
+           "--epochs", str(args.probe_epochs), "--warmup_epochs", "1", "--batch_size", "256",
+           "--blr", str(args.probe_blr),
            "--num_workers", str(args.num_workers), "--device", args.device, "--output_dir", os.path.join(out_dir, name),
            "--no_auto_resume"]
     run(cmd, os.path.join(out_dir, f"{name}.log"))
@@ -80,7 +81,8 @@ def main():
     p.add_argument("--probe_blr", default=0.1, type=float,
                    help="linear-probe base lr (MAE's 0.1 suits 90 ImageNet epochs; a few CIFAR epochs need more)")
     p.add_argument("--batch_size", default=256, type=int, help="pretraining batch")
-    p.add_argument("--lr", default=1.5e-3, type=float, help="base lr (scaled by batch / 256, as run_pretraining.py does)")
+    p.add_argument("--lr", default=1.5e-3, type=float,
+                   help="base lr (scaled by batch / 256, as run_pretraining.py does)")
     p.add_argument("--warmup_epochs", default=1, type=int)
     p.add_argument("--weight_mask", action=argparse.BooleanOptionalAction, default=True,
                    help="the release's neighbourhood-weighted loss")
