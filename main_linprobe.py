@@ -83,11 +83,7 @@ def get_args_parser():
     p.add_argument("--model_key", default="model|module",
                    help="checkpoint entries to try, '|'-separated ('model' = the online encoder, as the release "
                         "probes; 'model_ema' = the momentum encoder)")
-    p.add_argument("--resume", default="", help="linear-probe checkpoint to continue from (or to evaluate with --eval)")
-    p.add_argument("--auto_resume", action="store_true", default=True,
-                   help="continue from output_dir/checkpoint-last.pth if it exists (default on)")
-    p.add_argument("--no_auto_resume", action="store_false", dest="auto_resume")
-    p.add_argument("--start_epoch", default=0, type=int)
+    utils.add_run_args(p, "linear-probe checkpoint to continue from (or to evaluate with --eval)")
     p.add_argument("--eval", action="store_true", help="only evaluate the head of --resume")
     p.add_argument("--dist_eval", action="store_true",
                    help="split evaluation over the processes (exact: no item is duplicated)")
@@ -96,21 +92,8 @@ def get_args_parser():
     p.add_argument("--data_set", default="image_folder", choices=["image_folder", "cifar10", "cifar100", "npz", "demo"])
     p.add_argument("--data_path", default=None, help="folder with train/ and val/ (image_folder), CIFAR or npz files")
     p.add_argument("--nb_classes", default=None, type=int, help="classes of the head (default: the data set's)")
-    p.add_argument("--demo_size", default=2048, type=int, help="items per split of --data_set demo")
+    utils.add_loader_args(p, "items per split of --data_set demo")
     p.add_argument("--crop_pct", default=None, type=float, help="evaluation centre-crop fraction (default 224/256)")
-    p.add_argument("--imagenet_default_mean_and_std", action="store_true",
-                   help="normalise with ImageNet's mean/std instead of the release's 0.5/0.5 (match pretraining)")
-    p.add_argument("--num_workers", default=10, type=int)
-    p.add_argument("--pin_mem", action="store_true", default=True)
-    p.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
-
-    # run
-    p.add_argument("--output_dir", default="", help="checkpoints, log.txt, TensorBoard events")
-    p.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", default=0, type=int)
-    p.add_argument("--local_rank", "--local-rank", default=-1, type=int,
-                   help="set by torch.distributed.launch; LOCAL_RANK from the environment is what is used")
     return p
 
 

@@ -130,30 +130,16 @@ def get_args_parser():
                    choices=list(datasets.EVAL_DATA_SETS) + list(DATA_SET_ALIASES))
     p.add_argument("--data_path", default=None, type=str, help="folder with train/ and val/ (ImageNet layout)")
     p.add_argument("--nb_classes", default=0, type=int, help="head outputs (0: the number of classes in the data)")
-    p.add_argument("--demo_size", default=2048, type=int, help="samples per epoch of --data_set demo")
-    p.add_argument("--imagenet_default_mean_and_std", action="store_true",
-                   help="normalise with ImageNet's mean/std instead of the release's 0.5/0.5")
-    p.add_argument("--num_workers", default=10, type=int)
-    p.add_argument("--pin_mem", action="store_true", default=True)
-    p.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    utils.add_loader_args(p)  # --demo_size --imagenet_default_mean_and_std --num_workers --[no_]pin_mem
 
     # run
-    p.add_argument("--output_dir", default="", help="checkpoints, log.txt, TensorBoard events")
-    p.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", default=0, type=int)
-    p.add_argument("--resume", default="", help="checkpoint to resume from or, with --eval, to evaluate")
-    p.add_argument("--auto_resume", action="store_true", default=True)
-    p.add_argument("--no_auto_resume", action="store_false", dest="auto_resume")
+    utils.add_run_args(p, "checkpoint to resume from or, with --eval, to evaluate")
     p.add_argument("--save_ckpt", action="store_true", default=True)
     p.add_argument("--no_save_ckpt", action="store_false", dest="save_ckpt")
-    p.add_argument("--start_epoch", default=0, type=int)
     p.add_argument("--eval", action="store_true", help="evaluate the --resume checkpoint and exit")
     p.add_argument("--dist_eval", action="store_true", help="split evaluation over the processes")
     p.add_argument("--enable_deepspeed", action="store_true", help="train through a DeepSpeed engine")
     p.add_argument("--zero_stage", default=0, type=int, choices=[0, 1, 2], help="DeepSpeed ZeRO stage")
-    p.add_argument("--local_rank", "--local-rank", default=-1, type=int,
-                   help="set by torch.distributed.launch; LOCAL_RANK from the environment is what is used")
     return p
 
 

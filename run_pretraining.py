@@ -126,25 +126,11 @@ def get_args_parser():
     p.add_argument("--data_set", default="image_folder", choices=["image_folder", "cifar10", "cifar100", "npz", "demo"],
                    help="npz: --data_path holds train.npz with arrays images [n, H, W, 3] uint8 and labels")
     p.add_argument("--data_path", default=None, type=str, help="ImageNet-style folder (its train/ is used)")
-    p.add_argument("--demo_size", default=2048, type=int, help="samples per epoch of --data_set demo")
-    p.add_argument("--imagenet_default_mean_and_std", action="store_true",
-                   help="normalise with ImageNet's mean/std instead of the release's 0.5/0.5")
-    p.add_argument("--num_workers", default=10, type=int)
-    p.add_argument("--pin_mem", action="store_true", default=True)
-    p.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+    utils.add_loader_args(p)  # --demo_size --imagenet_default_mean_and_std --num_workers --[no_]pin_mem
 
     # run
-    p.add_argument("--output_dir", default="", help="checkpoints, log.txt, TensorBoard events")
-    p.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", default=0, type=int)
-    p.add_argument("--resume", default="", help="checkpoint to resume from (ours or the release's)")
-    p.add_argument("--auto_resume", action="store_true", default=True)
-    p.add_argument("--no_auto_resume", action="store_false", dest="auto_resume")
-    p.add_argument("--start_epoch", default=0, type=int)
+    utils.add_run_args(p, "checkpoint to resume from (ours or the release's)")
     p.add_argument("--log_all_ranks", action="store_true", help="every rank prints its epoch summary")
-    p.add_argument("--local_rank", "--local-rank", default=-1, type=int,
-                   help="set by torch.distributed.launch; LOCAL_RANK from the environment is what is used")
     eval_knn.add_knn_args(p)  # --knn_freq, --knn_data_set, --knn_data_path, --knn_k, --knn_temperature, ...
     return p
 

@@ -322,6 +322,31 @@ def run_cli(description, get_args_parser, main, errors=(), before=None):
             dist.destroy_process_group()
 
 
+def add_loader_args(p, demo_help="samples per epoch of --data_set demo"):
+    """The data-loading flags every training entry point has."""
+    p.add_argument("--demo_size", default=2048, type=int, help=demo_help)
+    p.add_argument("--imagenet_default_mean_and_std", action="store_true",
+                   help="normalise with ImageNet's mean/std instead of the release's 0.5/0.5")
+    p.add_argument("--num_workers", default=10, type=int)
+    p.add_argument("--pin_mem", action="store_true", default=True)
+    p.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
+
+
+def add_run_args(p, resume_help):
+    """Output, device, seed, resuming and launcher flags every training entry point has."""
+    p.add_argument("--output_dir", default="", help="checkpoints, log.txt, TensorBoard events")
+    p.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", default=0, type=int)
+    p.add_argument("--resume", default="", help=resume_help)
+    p.add_argument("--auto_resume", action="store_true", default=True,
+                   help="continue from output_dir/checkpoint-last.pth if it exists (default on)")
+    p.add_argument("--no_auto_resume", action="store_false", dest="auto_resume")
+    p.add_argument("--start_epoch", default=0, type=int)
+    p.add_argument("--local_rank", "--local-rank", default=-1, type=int,
+                   help="set by torch.distributed.launch; LOCAL_RANK from the environment is what is used")
+
+
 def resolve_amp(name, device):
     """``--amp`` for ``device``: (name, autocast dtype or None). Default (None): bf16 on CUDA where supported,
     else fp16; none (float32) on CPU. fp16 needs CUDA (its loss scaling is a CUDA feature here)."""

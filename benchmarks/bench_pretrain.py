@@ -126,6 +126,8 @@ def build(args, path, device, amp_dtype):
         # --mae: MAE's model from the same class (run_pretraining.py --feature_weight 0 --context none
         # --decoder_depth 8 --decoder_num_heads 16)
         mae = dict(feature_branch=False, pixel_context=False, decoder_depth=8, decoder_num_heads=16) if args.mae else {}
+        if args.decoder_dim:
+            mae["decoder_dim"] = args.decoder_dim
         model = create_model(args.model, img_size=args.input_size, patch_size=args.patch_size,
                              drop_path_rate=0.0, **mae).to(device)
     if args.checkpointing:
@@ -288,6 +290,7 @@ def main():
     p.add_argument("--batch_size", default=8, type=int)
     p.add_argument("--input_size", default=224, type=int)
     p.add_argument("--patch_size", default=None, type=int, help="default: the model's")
+    p.add_argument("--decoder_dim", default=None, type=int, help="pixel decoder width (default: the model's)")
     p.add_argument("--mask_num", default=None, type=int, help="default: 75 %% of the patches")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])

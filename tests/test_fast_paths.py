@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 
 import modeling_bootmae as mb
@@ -83,6 +84,26 @@ def test_padded_attention_matches_explicit_softmax(head_dim, kv_len):
     grads_plain = torch.autograd.grad(plain.square().sum(), (q, k, v))
     for a, b in zip(grads_padded, grads_plain):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_cpu_bf16_attention_matches_float64_sdpa():
+    # bf16 on CPU takes two bf16 matrix products around a float32 softmax instead of the CPU flash kernel
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(4, 3, n, 64, dtype=torch.float64) for n in (17, 65, 65))
+    exact = F.scaled_dot_product_attention(q, k, v)
+    low = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    out = mb.attention(*low)
+    assert out.dtype == torch.bfloat16 and out.shape == exact.shape
+    torch.testing.assert_close(out.double(), exact, rtol=0, atol=3e-2)
+    assert (out.double() - exact).abs().mean() < 3e-3  # bf16 rounding, not a different attention
+    grads = torch.autograd.grad(out.float().square().sum(), low)
+    exact_grads = torch.autograd.grad(
+        F.scaled_dot_product_attention(*(t.requires_grad_() for t in (q, k, v))).square().sum(), (q, k, v))
+    for g, e in zip(grads, exact_grads):
+        assert (g.double() - e).norm() / e.norm() < 2e-2
+    # float32 on CPU stays on SDPA itself
+    q32, k32, v32 = (t.float() for t in (q, k, v))
+    assert torch.equal(mb.attention(q32, k32, v32), F.scaled_dot_product_attention(q32, k32, v32))
 
 
 def test_fused_adamw_matches_default_adamw():
