@@ -35,11 +35,19 @@ def unpatchify(patches, patch_size, grid, channels=3):
     return torch.einsum("bhwpqc->bchpwq", x).reshape(B, channels, h * patch_size, w * patch_size)
 
 
-def normalized_pixel_target(images, patch_size, eps=1e-5):
-    """Each patch normalised per channel by its own mean and (biased) std: [B, N, P*P*C]."""
+PIXEL_NORMS = ("channel", "patch", "none")
+
+
+def normalized_pixel_target(images, patch_size, eps=1e-5, norm="channel"):
+    """The pixel target [B, N, P*P*C] (``--pixel_norm``): each patch normalised by its own mean and (biased)
+    std per channel (``channel``, the release), over all its values (``patch``, the MAE paper's norm_pix_loss),
+    or the input pixels as they are (``none``, the MAE paper's unnormalised ablation)."""
     C = images.shape[1]
     x = patchify(images.float(), patch_size)
-    x = x.reshape(*x.shape[:2], -1, C)
+    if norm == "none":
+        return x
+    if norm == "channel":
+        x = x.reshape(*x.shape[:2], -1, C)
     mean = x.mean(dim=2, keepdim=True)
     var = x.var(dim=2, unbiased=False, keepdim=True)
     return ((x - mean) / (var + eps).sqrt()).flatten(2)
@@ -69,9 +77,9 @@ def loss_weights(mask, grid, weight_mask=False):
     return weight
 
 
-def pixel_loss(pixel_pred, images, weight, patch_size):
-    """Squared error against the per-patch normalised pixels, over the patches that ``weight`` selects."""
-    return _masked_mse(pixel_pred, normalized_pixel_target(images, patch_size), weight)
+def pixel_loss(pixel_pred, images, weight, patch_size, norm="channel"):
+    """Squared error against the (per-patch normalised) pixels, over the patches that ``weight`` selects."""
+    return _masked_mse(pixel_pred, normalized_pixel_target(images, patch_size, norm=norm), weight)
 
 
 def feature_loss(feature_pred, target_features, weight, target_ids=None):
@@ -88,19 +96,20 @@ def feature_loss(feature_pred, target_features, weight, target_ids=None):
 
 
 def bootmae_loss(pixel_pred, feature_pred, target_features, images, mask, patch_size, weight_mask=False,
-                 target_ids=None):
+                 target_ids=None, pixel_norm="channel"):
     """BootMAE's two losses, computed in float32.
 
     pixel_pred: [B, N, P*P*3] (or None: pixel loss 0); feature_pred: [B, N, D]; target_features: [B, N, D]
     momentum-encoder tokens (or None: feature loss 0), or [B, n, D] for the patches ``target_ids`` [B, n];
     images: [B, 3, H, W] the model's input; mask: [B, N] bool, True = masked.
-    Returns (pixel_loss, feature_loss): squared errors on masked patches against the per-patch normalised
-    pixels and against LayerNorm(no affine, eps 1e-6) of the targets (the prediction normalised the same).
+    Returns (pixel_loss, feature_loss): squared errors on masked patches against the pixel target of
+    ``pixel_norm`` (see ``normalized_pixel_target``) and against LayerNorm(no affine, eps 1e-6) of the targets
+    (the prediction normalised the same).
     """
     grid = (images.shape[-2] // patch_size, images.shape[-1] // patch_size)
     weight = loss_weights(mask, grid, weight_mask)
     zero = weight.new_zeros(())
-    pix = zero if pixel_pred is None else pixel_loss(pixel_pred, images, weight, patch_size)
+    pix = zero if pixel_pred is None else pixel_loss(pixel_pred, images, weight, patch_size, pixel_norm)
     if target_features is None:
         return pix, zero
     return pix, feature_loss(feature_pred, target_features, weight, target_ids)
@@ -381,6 +390,7 @@ def train_one_epoch(model, targets, data_loader, optimizer, loss_scaler, device,
     pixel_loss_fn = torch.compile(pixel_loss) if compiled else pixel_loss
     feature_loss_fn = torch.compile(feature_loss) if compiled else feature_loss
     fraction = getattr(args, "target_fraction", 1.0)
+    pixel_norm = getattr(args, "pixel_norm", "channel")
     if use_targets:
         targets.begin_epoch(epoch, unwrapped)
     logger = utils.StepLogger(device, ["loss", "pixel_loss", "feature_loss", "grad_norm"], log_writer)
@@ -415,7 +425,7 @@ def train_one_epoch(model, targets, data_loader, optimizer, loss_scaler, device,
         grid = (images.shape[-2] // patch_size, images.shape[-1] // patch_size)
         weight = loss_weights(mask, grid, args.weight_mask)
         zero = weight.new_zeros(())
-        pix = pixel_loss_fn(pixel_pred, images, weight, patch_size) if pixel_pred is not None else zero
+        pix = zero if pixel_pred is None else pixel_loss_fn(pixel_pred, images, weight, patch_size, pixel_norm)
         # the targets' weighted sum (MAE-new: L_fast + lambda * L_slow); one target of weight 1 is just its loss
         terms = [feature_loss_fn(feature_pred, target, weight, target_ids) * w if w != 1.0
                  else feature_loss_fn(feature_pred, target, weight, target_ids) for w, target in target_list]

@@ -181,16 +181,21 @@ def build_train_transform(args):
 # ---------------------------------------------------------------------------------------------------------
 # model and optimiser
 
+def probe_head(dim, nb_classes):
+    """MAE's probe head: BatchNorm without affine (eps 1e-6), then a Linear with trunc-normal(0.01) weights."""
+    linear = nn.Linear(dim, nb_classes)
+    trunc_normal_(linear.weight, std=0.01)  # MoCo v3 / MAE
+    nn.init.zeros_(linear.bias)
+    return nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear)
+
+
 def build_probe(args, nb_classes):
     """The truncated classifier with the probe head: model.head = Sequential(BN without affine, Linear)."""
     model = create_model(f"bootmae_{args.size}_patch{14 if args.size == 'huge' else 16}_224",
                          num_classes=nb_classes, global_pool="avg" if args.global_pool else "token",
                          depth=args.depth, img_size=args.input_size,
                          **({"patch_size": args.patch_size} if args.patch_size else {}))
-    linear = nn.Linear(model.embed_dim, nb_classes)
-    trunc_normal_(linear.weight, std=0.01)  # MoCo v3 / MAE
-    nn.init.zeros_(linear.bias)
-    model.head = nn.Sequential(nn.BatchNorm1d(model.embed_dim, affine=False, eps=1e-6), linear)
+    model.head = probe_head(model.embed_dim, nb_classes)
     for p in model.parameters():
         p.requires_grad = False
     for p in model.head.parameters():

@@ -18,8 +18,8 @@ import eval_knn
 import modeling_bootmae  # noqa: F401  (registers the bootmae_* models with timm)
 import utils
 from datasets import mean_std, build_pretraining_dataset
-from engine_for_pretraining import (TARGET_ENCODERS, NonFiniteLossError, build_target_encoder, patchify,
-                                    target_patch_count, train_one_epoch, unpatchify)
+from engine_for_pretraining import (PIXEL_NORMS, TARGET_ENCODERS, NonFiniteLossError, build_target_encoder,
+                                    patchify, target_patch_count, train_one_epoch, unpatchify)
 from modeling_bootmae import from_release_state_dict, is_release_state_dict
 from optim_factory import create_optimizer
 
@@ -94,6 +94,9 @@ def get_args_parser():
     p.add_argument("--feature_weight", default=1.0, type=float,
                    help="weight of the feature-prediction loss; 0 = MAE: no feature predictor, no target encoder")
     p.add_argument("--weight_mask", action="store_true", help="weigh block centres up to 2x in the losses")
+    p.add_argument("--pixel_norm", default="channel", choices=PIXEL_NORMS,
+                   help="pixel target: each patch normalised per channel (the release), over the whole patch (the "
+                        "MAE paper's norm_pix_loss) or raw pixels")
     p.add_argument("--model_ema", action="store_true", default=True,
                    help="momentum encoder for the feature targets (on by default; BootMAE needs it)")
     p.add_argument("--no_model_ema", action="store_false", dest="model_ema")
@@ -408,8 +411,8 @@ def save_checkpoint(args, epoch, model, targets, optimizer, loss_scaler):
 @torch.no_grad()
 def save_reconstruction(args, model, dataset, device, path, num_images=4):
     """A PNG with one row per image: input, masked input, reconstruction, reconstruction pasted into the
-    visible patches. The prediction is of per-patch normalised pixels, so it is shown with each patch's
-    true mean and std (as MAE's visualisation does)."""
+    visible patches. A prediction of per-patch normalised pixels is shown with each patch's true mean and
+    std (as MAE's visualisation does)."""
     from torchvision.utils import save_image
     model.eval()
     items = [dataset[i] for i in range(min(num_images, len(dataset)))]
@@ -421,9 +424,14 @@ def save_reconstruction(args, model, dataset, device, path, num_images=4):
         return
     P = model.patch_size
     grid = model.grid_size(images)
-    patches = patchify(images, P).reshape(*mask.shape, P * P, 3)
-    mean, std = patches.mean(2, keepdim=True), (patches.var(2, unbiased=False, keepdim=True) + 1e-5).sqrt()
-    recon = (pixel_pred.float().reshape_as(patches) * std + mean).flatten(2)
+    patches = patchify(images, P)
+    if args.pixel_norm == "channel":
+        patches = patches.reshape(*mask.shape, P * P, 3)
+    if args.pixel_norm == "none":
+        recon = pixel_pred.float()
+    else:
+        mean, std = patches.mean(2, keepdim=True), (patches.var(2, unbiased=False, keepdim=True) + 1e-5).sqrt()
+        recon = (pixel_pred.float().reshape_as(patches) * std + mean).flatten(2)
     m = mask[..., None].float()
     masked = unpatchify(patchify(images, P) * (1 - m), P, grid)
     pasted = unpatchify(patchify(images, P) * (1 - m) + recon * m, P, grid)

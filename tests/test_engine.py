@@ -2,6 +2,7 @@
 the non-finite-loss guard and the step logger."""
 import argparse
 import math
+import os
 import re
 
 import numpy as np
@@ -11,7 +12,7 @@ from timm.utils import ModelEmaV3
 
 import utils
 from engine_for_pretraining import (NonFiniteLossError, bootmae_loss, ema_momentum_at, feature_weight_at,
-                                    mask_weights, train_one_epoch)
+                                    mask_weights, normalized_pixel_target, train_one_epoch)
 from modeling_bootmae import BootMAE
 from optim_factory import create_optimizer, param_groups
 
@@ -128,6 +129,32 @@ def test_weighted_loss_divides_by_masked_count():
     w = mask_weights(mask, (4, 4))[0, [0, 1, 4, 5, 15]].tolist()
     assert plain.item() == pytest.approx(sum(errs) / 5, rel=1e-5)
     assert weighted.item() == pytest.approx(sum(e * x for e, x in zip(errs, w)) / 5, rel=1e-5)
+
+
+def test_pixel_norm_modes():
+    """--pixel_norm: the release normalises each patch per channel, the MAE paper over the whole patch; 'none'
+    is the input's own values. Checked against one patch taken out by hand."""
+    g = torch.Generator().manual_seed(3)
+    P = 4
+    images = torch.randn(2, 3, 8, 12, generator=g) * torch.tensor([1.0, 3.0, 0.2]).view(1, 3, 1, 1) + 0.5
+    patch = images[1, :, 4:8, 8:12]  # patch (row 1, column 2) of image 1: index 1 * 3 + 2 = 5
+    channels_last = patch.permute(1, 2, 0).reshape(-1, 3)  # [P*P, C], the patchify order of each value
+    raw = normalized_pixel_target(images, P, norm="none")
+    assert torch.equal(raw[1, 5], channels_last.flatten())
+    whole = normalized_pixel_target(images, P, norm="patch")[1, 5]
+    v = channels_last.flatten()
+    assert torch.allclose(whole, (v - v.mean()) / (v.var(unbiased=False) + 1e-5).sqrt(), atol=1e-5)
+    per_channel = normalized_pixel_target(images, P, norm="channel")[1, 5].reshape(-1, 3)
+    want = (channels_last - channels_last.mean(0)) / (channels_last.var(0, unbiased=False) + 1e-5).sqrt()
+    assert torch.allclose(per_channel, want, atol=1e-5)
+    # the modes differ: per channel every channel has mean 0, over the patch only their sum does
+    assert per_channel.mean(0).abs().max() < 1e-5 and whole.reshape(-1, 3).mean(0).abs().max() > 0.1
+    # and the loss uses the one it is given
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    pred = torch.zeros(2, 6, P * P * 3)
+    for norm, target in (("none", raw), ("patch", normalized_pixel_target(images, P, norm="patch"))):
+        loss, _ = bootmae_loss(pred, pred[..., :8], None, images, mask, P, pixel_norm=norm)
+        assert loss.item() == pytest.approx(target.pow(2).mean().item(), rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- schedules
@@ -324,3 +351,36 @@ def test_step_logger_window_and_epoch_means():
     assert epoch["loss"] == pytest.approx((1 + 3 + 8 + 0) / 4)
     assert epoch["grad_norm"] == pytest.approx((2 + 6 + 1) / 3)
     assert math.isnan(epoch["never"])
+
+
+class _ExactRegressor(torch.nn.Module):
+    """Predicts exactly the pixel target of ``norm``: its reconstruction must give back the input image."""
+
+    def __init__(self, norm, patch_size=8):
+        super().__init__()
+        self.norm, self.patch_size = norm, patch_size
+
+    def grid_size(self, images):
+        return images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
+
+    def forward(self, images, mask, feature=False):
+        return normalized_pixel_target(images, self.patch_size, norm=self.norm), None
+
+
+@pytest.mark.parametrize("norm", ["channel", "patch", "none"])
+def test_reconstruction_image_undoes_each_pixel_norm(tmp_path, norm):
+    from PIL import Image
+
+    import run_pretraining
+    g = torch.Generator().manual_seed(4)
+    items = [((torch.rand(3, 32, 32, generator=g) * 2 - 1), torch.rand(16, generator=g) < 0.75) for _ in range(2)]
+    args = argparse.Namespace(pixel_norm=norm, imagenet_default_mean_and_std=False)
+    path = str(tmp_path / "reconstruction.png")
+    run_pretraining.save_reconstruction(args, _ExactRegressor(norm), items, torch.device("cpu"), path)
+    png = np.asarray(Image.open(path)).astype(np.int16)
+    side = 32 + 2  # make_grid's padding
+    for row in range(2):
+        panels = [png[2 + row * side:2 + row * side + 32, 2 + col * side:2 + col * side + 32] for col in range(4)]
+        # input == reconstruction == reconstruction pasted into the visible patches (8-bit rounding aside)
+        assert np.abs(panels[0] - panels[2]).max() <= 1 and np.abs(panels[0] - panels[3]).max() <= 1
+    assert not os.path.exists(path + ".tmp.png")
