@@ -79,9 +79,9 @@ def attention(q, k, v, dropout_p=0.0):
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         # bf16 on CPU: PyTorch's CPU flash kernel is 2-6x slower than two bf16 matrix products around a
         # float32 softmax at ViT sequence lengths (17-197 tokens, measured on avx512_bf16), so take those.
-    # the explicit form (the plain path, and bf16 on CPU); the softmax runs in float32 (a no-op in float32)
+    # the explicit form (the plain path, and bf16 on CPU); the softmax runs in float32 or wider (float64 stays)
     attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-    attn = attn.float().softmax(dim=-1).to(q.dtype)
+    attn = attn.softmax(dim=-1, dtype=torch.promote_types(attn.dtype, torch.float32)).to(q.dtype)
     if dropout_p > 0:
         attn = F.dropout(attn, dropout_p)
     return attn @ v
