@@ -110,9 +110,13 @@ class DataAugmentationForBootMAE:
                 f"--input_size {input_size} is not a multiple of --patch_size {patch_size}; "
                 f"choose sizes such that input_size / patch_size is an integer"
             )
+        min_scale = getattr(args, "min_crop_scale", 0.2)
+        if not 0 < min_scale <= 1:
+            raise UsageError(f"--min_crop_scale {min_scale} is not a fraction of the image area; "
+                             f"give a value in (0, 1]")
         mean, std = mean_std(args)
         self.transform = transforms.Compose([
-            transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=InterpolationMode.BICUBIC),
+            transforms.RandomResizedCrop(input_size, scale=(min_scale, 1.0), interpolation=InterpolationMode.BICUBIC),
             transforms.RandomHorizontalFlip(),
             transforms.ToTensor(),
             transforms.Normalize(mean=mean, std=std),

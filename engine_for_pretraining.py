@@ -38,19 +38,32 @@ def unpatchify(patches, patch_size, grid, channels=3):
 PIXEL_NORMS = ("channel", "patch", "none")
 
 
+def _patch_groups(images, patch_size, norm):
+    """Patches as ``--pixel_norm`` normalises them: [B, N, P*P, C] per channel (``channel``), else [B, N, P*P*C],
+    with their mean and (biased) std over dim 2."""
+    x = patchify(images.float(), patch_size)
+    if norm == "channel":
+        x = x.reshape(*x.shape[:2], -1, images.shape[1])
+    return x, x.mean(dim=2, keepdim=True), x.var(dim=2, unbiased=False, keepdim=True)
+
+
 def normalized_pixel_target(images, patch_size, eps=1e-5, norm="channel"):
     """The pixel target [B, N, P*P*C] (``--pixel_norm``): each patch normalised by its own mean and (biased)
     std per channel (``channel``, the release), over all its values (``patch``, the MAE paper's norm_pix_loss),
     or the input pixels as they are (``none``, the MAE paper's unnormalised ablation)."""
-    C = images.shape[1]
-    x = patchify(images.float(), patch_size)
     if norm == "none":
-        return x
-    if norm == "channel":
-        x = x.reshape(*x.shape[:2], -1, C)
-    mean = x.mean(dim=2, keepdim=True)
-    var = x.var(dim=2, unbiased=False, keepdim=True)
+        return patchify(images.float(), patch_size)
+    x, mean, var = _patch_groups(images, patch_size, norm)
     return ((x - mean) / (var + eps).sqrt()).flatten(2)
+
+
+def pixels_of_prediction(pred, images, patch_size, eps=1e-5, norm="channel"):
+    """Input-space patches [B, N, P*P*C] of a pixel prediction: ``normalized_pixel_target`` undone with the true
+    patches' own statistics (as MAE's visualisation does)."""
+    if norm == "none":
+        return pred.float()
+    x, mean, var = _patch_groups(images, patch_size, norm)
+    return (pred.float().reshape_as(x) * (var + eps).sqrt() + mean).flatten(2)
 
 
 def mask_weights(mask, grid):

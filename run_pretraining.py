@@ -19,7 +19,8 @@ import modeling_bootmae  # noqa: F401  (registers the bootmae_* models with timm
 import utils
 from datasets import mean_std, build_pretraining_dataset
 from engine_for_pretraining import (PIXEL_NORMS, TARGET_ENCODERS, NonFiniteLossError, build_target_encoder,
-                                    patchify, target_patch_count, train_one_epoch, unpatchify)
+                                    patchify, pixels_of_prediction, target_patch_count, train_one_epoch,
+                                    unpatchify)
 from modeling_bootmae import from_release_state_dict, is_release_state_dict
 from optim_factory import create_optimizer
 
@@ -129,6 +130,8 @@ def get_args_parser():
     p.add_argument("--data_set", default="image_folder", choices=["image_folder", "cifar10", "cifar100", "npz", "demo"],
                    help="npz: --data_path holds train.npz with arrays images [n, H, W, 3] uint8 and labels")
     p.add_argument("--data_path", default=None, type=str, help="ImageNet-style folder (its train/ is used)")
+    p.add_argument("--min_crop_scale", default=0.2, type=float,
+                   help="smallest area fraction of the random-resized crop (the release's 0.2)")
     utils.add_loader_args(p)  # --demo_size --imagenet_default_mean_and_std --num_workers --[no_]pin_mem
 
     # run
@@ -425,16 +428,10 @@ def save_reconstruction(args, model, dataset, device, path, num_images=4):
     P = model.patch_size
     grid = model.grid_size(images)
     patches = patchify(images, P)
-    if args.pixel_norm == "channel":
-        patches = patches.reshape(*mask.shape, P * P, 3)
-    if args.pixel_norm == "none":
-        recon = pixel_pred.float()
-    else:
-        mean, std = patches.mean(2, keepdim=True), (patches.var(2, unbiased=False, keepdim=True) + 1e-5).sqrt()
-        recon = (pixel_pred.float().reshape_as(patches) * std + mean).flatten(2)
+    recon = pixels_of_prediction(pixel_pred, images, P, norm=args.pixel_norm)
     m = mask[..., None].float()
-    masked = unpatchify(patchify(images, P) * (1 - m), P, grid)
-    pasted = unpatchify(patchify(images, P) * (1 - m) + recon * m, P, grid)
+    masked = unpatchify(patches * (1 - m), P, grid)
+    pasted = unpatchify(patches * (1 - m) + recon * m, P, grid)
     rows = torch.stack([images, masked, unpatchify(recon, P, grid), pasted], 1).flatten(0, 1)
     mean, std = mean_std(args)
     mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)

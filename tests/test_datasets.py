@@ -206,6 +206,30 @@ def test_bad_mask_numbers_are_usage_errors(tmp_path):
         datasets.build_pretraining_dataset(_args(data_path=str(tmp_path), input_size=60))
 
 
+@pytest.mark.parametrize("min_crop_scale", [0.0, 1.5])
+def test_bad_min_crop_scale_is_a_usage_error(tmp_path, min_crop_scale):
+    _make_image_folder(tmp_path, per_class=1)
+    with pytest.raises(UsageError, match=r"--min_crop_scale .* \(0, 1\]"):
+        datasets.build_pretraining_dataset(_args(data_path=str(tmp_path), min_crop_scale=min_crop_scale))
+
+
+def test_min_crop_scale_one_keeps_the_whole_image(tmp_path):
+    """A square image cropped at scale 1 comes back whole (or mirrored); the release's 0.2 crops it."""
+    _make_image_folder(tmp_path, classes=("a",), per_class=1, size=(INPUT_SIZE, INPUT_SIZE))
+    whole = datasets.build_pretraining_dataset(_args(data_path=str(tmp_path), min_crop_scale=1.0))
+    full = whole.transform.transform.transforms
+    reference = full[-1](full[-2](Image.open(whole.samples[0][0]).convert("RGB")))
+    torch.manual_seed(0)
+    for _ in range(8):
+        img, _mask = whole[0]
+        assert min((img - reference).abs().max(), (img - reference.flip(-1)).abs().max()) < 1e-6
+    cropped = datasets.build_pretraining_dataset(_args(data_path=str(tmp_path)))
+    assert cropped.transform.transform.transforms[0].scale == (0.2, 1.0)
+    diffs = [min((img - reference).abs().max(), (img - reference.flip(-1)).abs().max()) for img, _ in
+             (cropped[0] for _ in range(8))]
+    assert max(diffs) > 0.1
+
+
 # ---------------------------------------------------------------- corrupt files
 
 def _folder_with_bad_files(root):

@@ -12,7 +12,8 @@ from timm.utils import ModelEmaV3
 
 import utils
 from engine_for_pretraining import (NonFiniteLossError, bootmae_loss, ema_momentum_at, feature_weight_at,
-                                    mask_weights, normalized_pixel_target, train_one_epoch)
+                                    mask_weights, normalized_pixel_target, pixels_of_prediction,
+                                    train_one_epoch)
 from modeling_bootmae import BootMAE
 from optim_factory import create_optimizer, param_groups
 
@@ -155,6 +156,18 @@ def test_pixel_norm_modes():
     for norm, target in (("none", raw), ("patch", normalized_pixel_target(images, P, norm="patch"))):
         loss, _ = bootmae_loss(pred, pred[..., :8], None, images, mask, P, pixel_norm=norm)
         assert loss.item() == pytest.approx(target.pow(2).mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["channel", "patch", "none"])
+def test_pixels_of_prediction_inverts_the_target(norm):
+    """An exact prediction of the normalised target maps back to the input's own patches."""
+    images = torch.randn(2, 3, 8, 12, generator=torch.Generator().manual_seed(4)) * 2.0 + 0.3
+    target = normalized_pixel_target(images, 4, norm=norm)
+    back = pixels_of_prediction(target, images, 4, norm=norm)
+    assert torch.allclose(back, normalized_pixel_target(images, 4, norm="none"), atol=1e-5)
+    if norm != "none":  # a zero prediction is each patch's mean (per channel or over the patch)
+        flat = pixels_of_prediction(torch.zeros_like(target), images, 4, norm=norm)
+        assert flat.std(dim=-1).max() > 0 if norm == "channel" else flat.std(dim=-1).max() < 1e-6
 
 
 # ---------------------------------------------------------------------------------------------- schedules

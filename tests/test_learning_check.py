@@ -48,13 +48,14 @@ def test_learning_check_end_to_end(data, tmp_path, patch_size):
     with open(os.path.join(out, "results.json")) as f:
         results = json.load(f)
     names = {"raw pixels", "random init", "BootMAE"}
-    assert set(results["knn_top1"]) == names and set(results["linear_top1"]) == names
+    assert set(results["knn_top1"]) == names | {"raw pixels, encoder input"} and set(results["linear_top1"]) == names
     assert all(0.0 <= v <= 100.0 for r in ("knn_top1", "linear_top1") for v in results[r].values())
     # colour-coded classes: the pixel baselines must find them all
     assert results["knn_top1"]["raw pixels"] == 100.0 and results["linear_top1"]["raw pixels"] == 100.0
+    assert results["knn_top1"]["raw pixels, encoder input"] == 100.0
     assert results["config"]["patch_size"] == int(patch_size)
     table = open(os.path.join(out, "results.md")).read()
-    assert table.count("\n") == 5 and "| BootMAE |" in table
+    assert table.count("\n") == 6 and "| BootMAE |" in table and "| raw pixels, encoder input | 100.00 | - |" in table
     for name in ("init.pth", "pretrain/checkpoint-last.pth", "pretrain/log.txt"):
         assert os.path.isfile(os.path.join(out, name)), name
     with open(os.path.join(out, "pretrain", "log.txt")) as f:
