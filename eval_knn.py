@@ -192,6 +192,9 @@ def add_knn_args(parser):
     g.add_argument("--knn_pool", default="avg", choices=["avg", "cls"],
                    help="avg: mean of the normed patch tokens; cls: the normed cls token")
     g.add_argument("--knn_batch_size", default=None, type=int, help="images per process and pass (default --batch_size)")
+    g.add_argument("--knn_crop_pct", default=None, type=float,
+                   help="centre-crop fraction of the evaluation transform, as eval_knn.py's --crop_pct (default "
+                        "224/256 below 384 px; 1 = the whole image)")
     return parser
 
 
@@ -207,13 +210,17 @@ class KnnMonitor:
     def from_args(cls, args, device, amp_dtype=None):
         if args.knn_freq < 0 or args.knn_k < 1 or args.knn_temperature <= 0:
             raise utils.UsageError("--knn_freq must be >= 0, --knn_k >= 1 and --knn_temperature positive")
+        crop_pct = getattr(args, "knn_crop_pct", None)
+        if crop_pct is not None and not 0 < crop_pct <= 1:
+            raise utils.UsageError(f"--knn_crop_pct {crop_pct} is not a fraction; give a value in (0, 1] or leave it "
+                                   f"out for 224/256")
         if args.knn_freq == 0:
             return None
         from datasets import build_dataset
         data_args = argparse.Namespace(
             data_set=args.knn_data_set, data_path=args.knn_data_path, input_size=args.input_size,
             imagenet_default_mean_and_std=getattr(args, "imagenet_default_mean_and_std", False),
-            demo_size=getattr(args, "demo_size", 256), crop_pct=None)
+            demo_size=getattr(args, "demo_size", 256), crop_pct=getattr(args, "knn_crop_pct", None))
         try:
             train_set, _ = build_dataset(True, data_args)
             val_set, _ = build_dataset(False, data_args)

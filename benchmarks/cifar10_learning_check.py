@@ -5,7 +5,8 @@
 1. pretrains ``bootmae_tiny`` on ``train.npz`` (32 px images; ``--patch_size`` 8: 16 patches, 8 masked, or 4:
    64 patches, 48 masked; the release's block-then-random masks on that grid; pixel decoder width 128);
 2. evaluates frozen features on ``test.npz`` with weighted kNN (k=20, T=0.07) and a linear probe, for the
-   pretrained momentum encoder, for the same encoder at initialisation and for raw pixels.
+   pretrained momentum encoder, for the same encoder at initialisation and for raw pixels, all through one
+   evaluation transform (``--crop_pct``: by default eval_knn.py's, resize to 36 px and centre-crop 32).
 
 The linear probe (``--probe features``, default) is ``main_linprobe.py``'s head (BatchNorm without affine +
 linear, LARS, warm-up + cosine, the same functions) trained on features computed once, without augmentation
@@ -22,7 +23,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -33,7 +33,7 @@ import eval_knn  # noqa: E402
 import main_linprobe  # noqa: E402
 import modeling_bootmae  # noqa: E402
 import utils  # noqa: E402
-from datasets import build_dataset, mean_std  # noqa: E402
+from datasets import build_dataset  # noqa: E402
 
 
 # patch size -> (masked patches, block budget, smallest and largest block) on the grid of a 32 px image. 4 px: the
@@ -53,31 +53,37 @@ def run(cmd, log_path):
 
 
 def knn_of_checkpoint(args, path):
-    ns = argparse.Namespace(data_set="npz", data_path=args.data_path, input_size=32, crop_pct=1.0)
-    train_set, _ = build_dataset(True, ns)
-    val_set, _ = build_dataset(False, ns)
+    train_set, val_set = eval_sets(args)
     model = eval_knn.build_encoder("tiny", 32, args.patch_size)
     eval_knn.load_encoder_checked(model, path, "model_ema|model")
     loaders = [eval_knn.build_loader(s, 500, 0) for s in (train_set, val_set)]
     return eval_knn.knn_accuracy(model, *loaders, torch.device("cpu"), 20, 0.07, "avg")["top1"]
 
 
-def load_pixels(args, name):
-    """(images as float vectors [n, 3072], labels [n]) of one of the npz files."""
-    with np.load(os.path.join(args.data_path, name)) as d:
-        return torch.from_numpy(d["images"]).float().flatten(1), torch.from_numpy(d["labels"]).long()
+def eval_sets(args):
+    """(train, test) data sets with the evaluation transform every row of the table shares (``--crop_pct``)."""
+    ns = argparse.Namespace(data_set="npz", data_path=args.data_path, input_size=32, crop_pct=args.crop_pct)
+    return build_dataset(True, ns)[0], build_dataset(False, ns)[0]
 
 
-def knn_of_pixels(args, centre="image"):
-    """kNN top-1 (%) on the 3,072 pixel values, each image centred on its own mean (``image``) or normalised as
-    the encoder's input is (``input``: the release's mean and std of 0.5 per channel)."""
-    mean, std = (torch.tensor(v).repeat(32 * 32) * 255 for v in mean_std(argparse.Namespace()))
+def load_pixels(args):
+    """[(pixels [n, 3072], labels [n]) of the train set, the same of the test set]: the encoder's input (the
+    evaluation transform and the release's normalisation, 0.5 mean and std for every channel), flattened."""
+    data = []
+    for dataset in eval_sets(args):
+        batches = list(eval_knn.build_loader(dataset, 500, 0))
+        data.append((torch.cat([x.flatten(1) for x, _ in batches]),
+                     torch.cat([torch.as_tensor(y) for _, y in batches]).long()))
+    return data
 
+
+def knn_of_pixels(args, centre=True):
+    """kNN top-1 (%) on the pixels of ``load_pixels``, each image centred on its own mean (the same as centring
+    the 0-255 values: the normalisation is one affine map for all channels) or as the encoder sees them."""
     def features(x, y):
-        x = x - x.mean(dim=1, keepdim=True) if centre == "image" else (x - mean) / std
-        return F.normalize(x, dim=1), y
-    return eval_knn.knn_classify(*features(*load_pixels(args, "train.npz")), *features(*load_pixels(args, "test.npz")),
-                                 k=20, temperature=0.07)[0]
+        return F.normalize(x - x.mean(dim=1, keepdim=True) if centre else x, dim=1), y
+    (train_x, train_y), (test_x, test_y) = load_pixels(args)
+    return eval_knn.knn_classify(*features(train_x, train_y), *features(test_x, test_y), k=20, temperature=0.07)[0]
 
 
 PROBE_BATCH = 256  # the linear probe's batch: its lr is probe_blr * PROBE_BATCH / 256 = probe_blr
@@ -85,7 +91,8 @@ PROBE_BATCH = 256  # the linear probe's batch: its lr is probe_blr * PROBE_BATCH
 
 def probe_args(args):
     return argparse.Namespace(size="tiny", global_pool=True, depth=12, input_size=32, patch_size=args.patch_size,
-                              crop_pct=1.0, data_set="npz", data_path=args.data_path, epochs=args.probe_epochs,
+                              crop_pct=args.crop_pct, data_set="npz", data_path=args.data_path,
+                              epochs=args.probe_epochs,
                               warmup_epochs=max(1, args.probe_epochs // 10), lr=args.probe_blr, min_lr=0.0,
                               weight_decay=0.0, momentum=0.9)
 
@@ -97,8 +104,7 @@ def encoder_features(args, checkpoint):
     main_linprobe.load_probe_encoder(model, checkpoint, "model_ema|model")
     model.eval()
     data = []
-    for is_train in (True, False):
-        dataset, _ = build_dataset(is_train, ns)  # the evaluation transform: no augmentation
+    for dataset in eval_sets(args):  # the evaluation transform: no augmentation
         batches = [(main_linprobe.features(model, x, None), torch.as_tensor(y))
                    for x, y in eval_knn.build_loader(dataset, 500, 0)]
         data.append((torch.cat([f for f, _ in batches]), torch.cat([y for _, y in batches]).long()))
@@ -132,11 +138,13 @@ def feature_probe(args, train, test):
 
 def probe(args, checkpoint, out_dir, name):
     cmd = [sys.executable, "main_linprobe.py", "--model", "bootmae_tiny_patch16_224",
-           "--patch_size", str(args.patch_size), "--input_size", "32", "--crop_pct", "1.0", "--data_set", "npz",
+           "--patch_size", str(args.patch_size), "--input_size", "32", "--data_set", "npz",
            "--data_path", args.data_path, "--finetune", checkpoint, "--model_key", "model_ema|model", "--global_pool",
            "--depth", "12", "--epochs", str(args.probe_epochs), "--warmup_epochs", "1",
            "--batch_size", str(PROBE_BATCH), "--blr", str(args.probe_blr), "--num_workers", str(args.num_workers),
            "--device", args.device, "--output_dir", os.path.join(out_dir, name), "--no_auto_resume"]
+    if args.crop_pct is not None:
+        cmd += ["--crop_pct", str(args.crop_pct)]
     run(cmd, os.path.join(out_dir, f"{name}.log"))
     with open(os.path.join(out_dir, name, "log.txt")) as f:
         records = [json.loads(line) for line in f if line.strip()]
@@ -147,8 +155,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_path", default=os.path.join(ROOT, "..", "shared", "data", "cifar10"))
     p.add_argument("--output_dir", default=os.path.join(ROOT, "output", "cifar10_learning_check"))
-    p.add_argument("--epochs", default=56, type=int,
-                   help="pretraining epochs (56: 39 minutes on 2 CPU cores with --knn_freq 8)")
+    p.add_argument("--epochs", default=80, type=int,
+                   help="pretraining epochs (80: 49 minutes on 2 CPU cores with --knn_freq 16)")
+    p.add_argument("--crop_pct", default=None, type=float,
+                   help="evaluation transform of every row (pixels too): resize to 32 / crop_pct, centre crop 32; "
+                        "default 224/256, as eval_knn.py and the kNN during pretraining; 1 = the whole image")
     p.add_argument("--patch_size", default=8, type=int, choices=sorted(MASKS),
                    help="8: 16 patches of 8 px (about 3x more images per second on a CPU than 4)")
     p.add_argument("--probe", default="features", choices=["features", "mae"],
@@ -206,6 +217,8 @@ def main():
     if args.knn_freq:
         pretrain_cmd += ["--knn_freq", str(args.knn_freq), "--knn_data_set", "npz", "--knn_data_path", args.data_path,
                          "--knn_batch_size", "500"]
+        if args.crop_pct is not None:
+            pretrain_cmd += ["--knn_crop_pct", str(args.crop_pct)]
     ckpt = os.path.join(pre_dir, "checkpoint-last.pth")
     if args.skip_pretrain:
         if not os.path.isfile(ckpt):
@@ -221,14 +234,13 @@ def main():
     t0 = time.time()
     # each figure is printed as soon as it is known, so a long evaluation shows progress
     for name, fn in (("raw pixels", lambda: knn_of_pixels(args)),
-                     ("raw pixels, encoder input", lambda: knn_of_pixels(args, "input")),
+                     ("raw pixels, encoder input", lambda: knn_of_pixels(args, centre=False)),
                      ("random init", lambda: knn_of_checkpoint(args, init_path)),
                      ("BootMAE", lambda: knn_of_checkpoint(args, ckpt))):
         results["knn_top1"][name] = fn()
         print(f"kNN top-1 {name}: {results['knn_top1'][name]:.2f} %", flush=True)
     if args.probe == "features":
-        results["linear_top1"]["raw pixels"] = feature_probe(args, load_pixels(args, "train.npz"),
-                                                             load_pixels(args, "test.npz"))
+        results["linear_top1"]["raw pixels"] = feature_probe(args, *load_pixels(args))
         print(f"linear probe top-1 raw pixels: {results['linear_top1']['raw pixels']:.2f} %", flush=True)
     for name, path, sub in (("random init", init_path, "probe_init"), ("BootMAE", ckpt, "probe_bootmae")):
         results["linear_top1"][name] = (feature_probe(args, *encoder_features(args, path))

@@ -146,6 +146,27 @@ def test_pretraining_knn_hook_uses_momentum_encoder(knn_data, tmp_path, monkeypa
     assert len(seen) == 1 and isinstance(seen[0][0], modeling_bootmae.BootMAE) and seen[0][1] is False
 
 
+def test_knn_monitor_crop_pct(tmp_path):
+    """--knn_crop_pct sets the monitor's evaluation transform (default 224/256, as eval_knn.py); a value outside
+    (0, 1] is a one-line error before training starts."""
+    np.savez(tmp_path / "train.npz", images=np.zeros((4, 32, 32, 3), np.uint8), labels=np.arange(4))
+    np.savez(tmp_path / "test.npz", images=np.zeros((2, 32, 32, 3), np.uint8), labels=np.arange(2))
+
+    def monitor(crop_pct):
+        args = argparse.Namespace(knn_freq=1, knn_k=20, knn_temperature=0.07, knn_data_set="npz",
+                                  knn_data_path=str(tmp_path), input_size=32, knn_batch_size=2, batch_size=2,
+                                  num_workers=0, knn_pool="avg", knn_crop_pct=crop_pct)
+        return eval_knn.KnnMonitor.from_args(args, torch.device("cpu"))
+
+    resize = [t for t in monitor(None).val_loader.dataset.transform.transforms if type(t).__name__ == "Resize"]
+    assert resize[0].size == 36  # 32 / (224 / 256)
+    resize = [t for t in monitor(1.0).train_loader.dataset.transform.transforms if type(t).__name__ == "Resize"]
+    assert resize[0].size == 32
+    for bad in (0.0, 1.5):
+        with pytest.raises(eval_knn.utils.UsageError, match=r"--knn_crop_pct .* \(0, 1\]"):
+            monitor(bad)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # timm export
 
