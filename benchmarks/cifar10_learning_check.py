@@ -185,6 +185,8 @@ def main():
     p.add_argument("--amp", default="bf16", choices=["bf16", "none"], help="pretraining precision")
     p.add_argument("--pretrain_args", default="", help="further run_pretraining.py flags, e.g. '--pixel_norm patch'")
     args = p.parse_args()
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
+        raise SystemExit(f"--crop_pct {args.crop_pct} is not a fraction; give a value in (0, 1] or leave it out")
     out = args.output_dir
     os.makedirs(out, exist_ok=True)
     for name in ("train.npz", "test.npz"):

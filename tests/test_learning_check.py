@@ -73,3 +73,10 @@ def test_skip_pretrain_without_a_run_is_one_line(data, tmp_path):
     proc = _run("--data_path", data, "--output_dir", str(tmp_path / "none"), *FAST, "--skip_pretrain")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "run once without --skip_pretrain" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_bad_crop_pct_is_one_line(data, tmp_path):
+    out = tmp_path / "bad"
+    proc = _run("--data_path", data, "--output_dir", str(out), *FAST, "--crop_pct", "1.5")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "--crop_pct 1.5" in proc.stderr.strip().splitlines()[-1] and not out.exists()
