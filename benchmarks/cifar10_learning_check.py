@@ -77,12 +77,12 @@ def load_pixels(args):
     return data
 
 
-def knn_of_pixels(args, centre=True):
-    """kNN top-1 (%) on the pixels of ``load_pixels``, each image centred on its own mean (the same as centring
-    the 0-255 values: the normalisation is one affine map for all channels) or as the encoder sees them."""
+def knn_of_pixels(pixels, centre=True):
+    """kNN top-1 (%) on ``load_pixels``' output, each image centred on its own mean (the same as centring the
+    0-255 values: the normalisation is one affine map for all channels) or as the encoder sees them."""
     def features(x, y):
         return F.normalize(x - x.mean(dim=1, keepdim=True) if centre else x, dim=1), y
-    (train_x, train_y), (test_x, test_y) = load_pixels(args)
+    (train_x, train_y), (test_x, test_y) = pixels
     return eval_knn.knn_classify(*features(train_x, train_y), *features(test_x, test_y), k=20, temperature=0.07)[0]
 
 
@@ -234,15 +234,16 @@ def main():
                "knn_top1": {}, "linear_top1": {}}
     print(f"pretraining: {pretrain_s / 60:.1f} min", flush=True)
     t0 = time.time()
+    pixels = load_pixels(args)
     # each figure is printed as soon as it is known, so a long evaluation shows progress
-    for name, fn in (("raw pixels", lambda: knn_of_pixels(args)),
-                     ("raw pixels, encoder input", lambda: knn_of_pixels(args, centre=False)),
+    for name, fn in (("raw pixels", lambda: knn_of_pixels(pixels)),
+                     ("raw pixels, encoder input", lambda: knn_of_pixels(pixels, centre=False)),
                      ("random init", lambda: knn_of_checkpoint(args, init_path)),
                      ("BootMAE", lambda: knn_of_checkpoint(args, ckpt))):
         results["knn_top1"][name] = fn()
         print(f"kNN top-1 {name}: {results['knn_top1'][name]:.2f} %", flush=True)
     if args.probe == "features":
-        results["linear_top1"]["raw pixels"] = feature_probe(args, *load_pixels(args))
+        results["linear_top1"]["raw pixels"] = feature_probe(args, *pixels)
         print(f"linear probe top-1 raw pixels: {results['linear_top1']['raw pixels']:.2f} %", flush=True)
     for name, path, sub in (("random init", init_path, "probe_init"), ("BootMAE", ckpt, "probe_bootmae")):
         results["linear_top1"][name] = (feature_probe(args, *encoder_features(args, path))
