@@ -40,7 +40,7 @@ PIXEL_NORMS = ("channel", "patch", "none")
 
 def _patch_groups(images, patch_size, norm):
     """Patches as ``--pixel_norm`` normalises them: [B, N, P*P, C] per channel (``channel``), else [B, N, P*P*C],
-    with their mean and (biased) std over dim 2."""
+    with their mean and (biased) variance over dim 2."""
     x = patchify(images.float(), patch_size)
     if norm == "channel":
         x = x.reshape(*x.shape[:2], -1, images.shape[1])
