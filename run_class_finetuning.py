@@ -162,6 +162,9 @@ def check_args(args):
                                "positions only (the release's recipes pass --disable_rel_pos_bias)")
     if args.batch_size < 1 or args.update_freq < 1 or args.epochs < 1:
         raise utils.UsageError("--batch_size, --update_freq and --epochs must be at least 1")
+    if args.save_ckpt_freq < 0:
+        raise utils.UsageError(f"--save_ckpt_freq {args.save_ckpt_freq} is negative; give N > 0 to keep "
+                               f"checkpoint-N.pth every N epochs, or 0 for checkpoint-last/-best.pth only")
     if args.nb_classes < 0:
         raise utils.UsageError(f"--nb_classes {args.nb_classes} is negative; give the number of classes or 0")
     if mixup_active(args) and args.batch_size % 2 and not args.eval:

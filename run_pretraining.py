@@ -10,6 +10,7 @@ import json
 import os
 import time
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from timm.models import create_model
@@ -19,8 +20,8 @@ import modeling_bootmae  # noqa: F401  (registers the bootmae_* models with timm
 import utils
 from datasets import mean_std, build_pretraining_dataset
 from engine_for_pretraining import (PIXEL_NORMS, TARGET_ENCODERS, NonFiniteLossError, build_target_encoder,
-                                    patchify, pixels_of_prediction, target_patch_count, train_one_epoch,
-                                    unpatchify)
+                                    normalized_pixel_target, patchify, pixels_of_prediction, target_patch_count,
+                                    train_one_epoch, unpatchify)
 from modeling_bootmae import from_release_state_dict, is_release_state_dict
 from optim_factory import create_optimizer
 
@@ -30,7 +31,9 @@ def get_args_parser():
     p.add_argument("--batch_size", default=256, type=int, help="images per process and step")
     p.add_argument("--epochs", default=800, type=int)
     p.add_argument("--update_freq", default=1, type=int, help="gradient accumulation steps")
-    p.add_argument("--save_ckpt_freq", default=20, type=int, help="keep checkpoint-N.pth every N epochs")
+    p.add_argument("--save_ckpt_freq", default=20, type=int,
+                   help="also keep checkpoint-N.pth every N epochs and after the last, and redraw the "
+                        "reconstruction (0: checkpoint-last.pth only; reconstruction at the end)")
     p.add_argument("--print_freq", default=10, type=int, help="steps between log lines (the only host syncs)")
 
     # model
@@ -169,6 +172,9 @@ def check_args(args):
     check_ablation_args(args, args.encoder_depth or model_cfg["depth"], num_patches)
     if args.batch_size < 1 or args.update_freq < 1 or args.epochs < 1:
         raise utils.UsageError("--batch_size, --update_freq and --epochs must be at least 1")
+    if args.save_ckpt_freq < 0:
+        raise utils.UsageError(f"--save_ckpt_freq {args.save_ckpt_freq} is negative; give N > 0 to keep "
+                               f"checkpoint-N.pth every N epochs, or 0 for checkpoint-last.pth only")
     if args.resume and not os.path.isfile(args.resume):
         raise utils.UsageError(f"--resume {args.resume} does not exist; give the path of a checkpoint-*.pth")
     args.patch_size = patch
@@ -396,7 +402,7 @@ def _optimizer_state_fits(optimizer, state):
 
 def save_checkpoint(args, epoch, model, targets, optimizer, loss_scaler):
     """The release's layout (model, model_ema, optimizer, scaler, epoch, args), written atomically:
-    checkpoint-last.pth every epoch and checkpoint-<epoch>.pth every --save_ckpt_freq epochs and at the end.
+    checkpoint-last.pth every epoch and checkpoint-<epoch>.pth on ``keeps_numbered_checkpoint`` epochs.
     The other target encoders go under ``target_encoder`` ({"kind", "state"}), so a resume is exact."""
     if not args.output_dir:
         return
@@ -407,38 +413,99 @@ def save_checkpoint(args, epoch, model, targets, optimizer, loss_scaler):
     elif targets is not None:
         ckpt["target_encoder"] = {"kind": targets.kind, "state": targets.state_dict()}
     utils.save_on_master(ckpt, os.path.join(args.output_dir, "checkpoint-last.pth"))
-    if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
+    if keeps_numbered_checkpoint(args, epoch):
         utils.save_on_master(ckpt, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
 
 
+def keeps_numbered_checkpoint(args, epoch):
+    """checkpoint-<epoch>.pth every --save_ckpt_freq epochs and after the last one; none with 0."""
+    return args.save_ckpt_freq > 0 and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs)
+
+
+# the columns of the reconstruction grid; target and prediction are shown in the space of --pixel_norm
+RECONSTRUCTION_COLUMNS = ("input", "masked input", "target", "prediction", "pasted")
+RECONSTRUCTION_MIN_SIDE = 96   # smaller panels are enlarged (nearest neighbour) so that the labels fit
+RECONSTRUCTION_HEADER = 28     # pixels above the grid for the two-line column labels
+
+
+def reconstruction_panels(images, mask, pixel_pred, patch_size, norm, mean, std):
+    """The reconstruction grid's panels, [B, 5, 3, H, W] in [0, 1], in the order of ``RECONSTRUCTION_COLUMNS``:
+
+    input         the image (the dataset normalisation undone)
+    masked input  its visible patches; masked ones black
+    target        the pixel target of ``norm`` (``normalized_pixel_target``) on the masked patches
+    prediction    the regressor's output as it is, on the masked patches, drawn exactly as the target
+    pasted        the visible patches with the prediction in the masked ones, in pixels: the prediction
+                  de-normalised with the true patches' own mean and std (``pixels_of_prediction``)
+
+    Target and prediction share one fixed mapping: per-patch normalised values (``channel``, ``patch``) as
+    0.5 + v / 6 (-3..3 std to black..white), ``none`` as pixels; visible patches are black (no loss there).
+    A regressor that predicts zeros shows a flat panel there, whatever the target."""
+    B, _, H, W = images.shape
+    grid = (H // patch_size, W // patch_size)
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=images.device)
+    std = torch.as_tensor(std, dtype=torch.float32, device=images.device)
+
+    def show(patches, as_pixels):
+        x = patches.float().reshape(B, grid[0] * grid[1], -1, 3)   # (p, q, channel) order: channel last
+        x = x * std + mean if as_pixels else 0.5 + x / 6
+        return unpatchify(x.clamp(0, 1).flatten(2), patch_size, grid)
+
+    patches = patchify(images.float(), patch_size)
+    m = mask.reshape(B, -1, 1).float()
+    masked = unpatchify(m.expand_as(patches), patch_size, grid)
+    pixels = norm == "none"
+    pasted = patches * (1 - m) + pixels_of_prediction(pixel_pred, images, patch_size, norm=norm) * m
+    panels = [show(patches, True), show(patches, True) * (1 - masked),
+              show(normalized_pixel_target(images, patch_size, norm=norm), pixels) * masked,
+              show(pixel_pred, pixels) * masked, show(pasted, True)]
+    return torch.stack(panels, 1)
+
+
+def reconstruction_grid(panels, norm):
+    """The panels [B, 5, 3, H, W] as one labelled uint8 image [H', W', 3]: one row per image, a header that
+    names each column (and the normalisation that target and prediction are shown in)."""
+    from PIL import Image, ImageDraw, ImageFont
+    from torchvision.utils import make_grid
+    B, C, _, H, W = panels.shape
+    scale = -(-RECONSTRUCTION_MIN_SIDE // min(H, W))
+    x = panels.flatten(0, 1).repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+    grid = make_grid(x, nrow=C, padding=2, pad_value=1.0)
+    header = torch.ones(3, RECONSTRUCTION_HEADER, grid.shape[-1], dtype=grid.dtype, device=grid.device)
+    rgb = (torch.cat([header, grid], 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    space = "pixels" if norm == "none" else f"{norm} norm"
+    second = {"target": space, "prediction": space, "pasted": "true mean/std" if norm != "none" else ""}
+    img = Image.fromarray(rgb)
+    draw, font = ImageDraw.Draw(img), ImageFont.load_default()
+    for col, name in enumerate(RECONSTRUCTION_COLUMNS):
+        left = 2 + col * (W * scale + 2)
+        draw.text((left + 2, 2), name, fill=(0, 0, 0), font=font)
+        draw.text((left + 2, 14), second.get(name, ""), fill=(0, 0, 0), font=font)
+    return np.asarray(img)
+
+
 @torch.no_grad()
-def save_reconstruction(args, model, dataset, device, path, num_images=4):
-    """A PNG with one row per image: input, masked input, reconstruction, reconstruction pasted into the
-    visible patches. A prediction of per-patch normalised pixels is shown with each patch's true mean and
-    std (as MAE's visualisation does)."""
-    from torchvision.utils import save_image
+def save_reconstruction(args, model, dataset, device, path, log_writer=None, epoch=0, num_images=4):
+    """The first ``num_images`` items of ``dataset`` through ``model`` (eval mode, float32): the labelled grid
+    of ``reconstruction_panels`` written to ``path`` (PNG, atomically) and to TensorBoard (``reconstruction``,
+    step ``epoch``). Returns the panels, or None for a model without a pixel regressor (nothing to show)."""
+    was_training = model.training
     model.eval()
     items = [dataset[i] for i in range(min(num_images, len(dataset)))]
-    images = torch.stack([x for x, _ in items]).to(device)
+    images = torch.stack([torch.as_tensor(x) for x, _ in items]).to(device).float()
     mask = torch.stack([torch.as_tensor(m).flatten() for _, m in items]).to(device)
     pixel_pred, _ = model(images, mask, feature=False)
-    if pixel_pred is None:  # no pixel regressor (feature targets only): nothing to show
-        model.train()
-        return
-    P = model.patch_size
-    grid = model.grid_size(images)
-    patches = patchify(images, P)
-    recon = pixels_of_prediction(pixel_pred, images, P, norm=args.pixel_norm)
-    m = mask[..., None].float()
-    masked = unpatchify(patches * (1 - m), P, grid)
-    pasted = unpatchify(patches * (1 - m) + recon * m, P, grid)
-    rows = torch.stack([images, masked, unpatchify(recon, P, grid), pasted], 1).flatten(0, 1)
-    mean, std = mean_std(args)
-    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
-    save_image((rows * std_t + mean_t).clamp(0, 1), path + ".tmp.png", nrow=4, padding=2)
+    model.train(was_training)
+    if pixel_pred is None:
+        return None
+    panels = reconstruction_panels(images, mask, pixel_pred, model.patch_size, args.pixel_norm, *mean_std(args))
+    grid = reconstruction_grid(panels, args.pixel_norm)
+    from PIL import Image
+    Image.fromarray(grid).save(path + ".tmp.png")
     os.replace(path + ".tmp.png", path)
-    model.train()
+    if log_writer is not None:
+        log_writer.add_image("reconstruction", grid, epoch, dataformats="HWC")
+    return panels
 
 
 def main(args):
@@ -539,10 +606,14 @@ def main(args):
             print(f"[rank {rank}] {summary}", flush=True)
         else:
             utils.print0(summary)
+        if utils.is_main_process() and args.output_dir and (keeps_numbered_checkpoint(args, epoch)
+                                                             or epoch + 1 == args.epochs):
+            # the same crops and masks every time: a seed that no epoch uses (each epoch reseeds at its start)
+            utils.seed_everything(args.seed - 1)
+            save_reconstruction(args, model, dataset, device, os.path.join(args.output_dir, "reconstruction.png"),
+                                log_writer, epoch)
         if log_writer is not None:
             log_writer.flush()
-    if utils.is_main_process() and args.output_dir and start_epoch < args.epochs:
-        save_reconstruction(args, model, dataset, device, os.path.join(args.output_dir, "reconstruction.png"))
     if log_writer is not None:
         log_writer.close()
     utils.print0(f"training time {utils.format_seconds(time.time() - start_time)}")

@@ -38,8 +38,8 @@ COMMON = ["--model", "bootmae_tiny", "--input_size", "32", "--decoder_dim", "64"
 # 32 demo items, batch 8: 4 steps per epoch, 3 epochs
 DEMO = COMMON + ["--data_set", "demo", "--demo_size", "32", "--batch_size", "8", "--epochs", "3"]
 EPOCHS = 3
-# what torchvision's make_grid gives for 4 images x 4 panels of 32 px with padding 2
-PNG_SIDE = 4 * (32 + 2) + 2
+# the reconstruction grid: 4 images x 5 panels of 32 px enlarged to 96, padding 2, under a 28 px label header
+PNG_SIZE = (5 * (96 + 2) + 2, 28 + 4 * (96 + 2) + 2)
 DONE_RE = re.compile(r"epoch (\d+) done: loss (\S+) \(pixel (\S+), feature (\S+)\) averaged over (\d+) process")
 
 
@@ -175,10 +175,10 @@ def test_cpu_demo_run_outputs(run_a):
         assert moved > 0, name
         assert ema_moved < 0.1 * moved, (name, moved, ema_moved)
 
-    # reconstruction.png: a real PNG, 4 rows (images) x 4 panels of 32 px
+    # reconstruction.png: a real PNG, 4 rows (images) x 5 panels
     with Image.open(os.path.join(out, "reconstruction.png")) as img:
         assert img.format == "PNG"
-        assert img.size == (PNG_SIDE, PNG_SIDE)
+        assert img.size == PNG_SIZE
         pixels = np.asarray(img.convert("RGB"))
     assert pixels.std() > 10   # not a blank image
 
