@@ -33,6 +33,8 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image
+import timm
+from timm.data import auto_augment, create_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset
 from torchvision import datasets as tv_datasets
@@ -434,6 +436,54 @@ def build_eval_transform(args):
         transforms.ToTensor(),
         transforms.Normalize(mean, std),
     ])
+
+
+def posterize_0_bits_black(img, bits_to_keep, **kwargs):
+    """timm's posterize op, with Pillow's result before version 13 for 0 bits: every bit cleared (black).
+
+    timm's RandAugment keeps ``4 - int(4 * magnitude / 10)`` bits in PosterizeIncreasing (and ``int(4 *
+    magnitude / 10)`` in Posterize), so the release's ``rand-m9-mstd0.5-inc1``, whose magnitude is drawn from
+    N(9, 0.5) and clipped to 10, asks for 0 bits in 2.3 % of its Posterize draws, about 1 image in 650. Pillow
+    up to 12.3 masked every bit away (the release's augmentation: a black image); Pillow 13 raises
+    ``ValueError: bits must be between or equal to 1 and 8``, which ended every fine-tuning epoch."""
+    if bits_to_keep <= 0:
+        return img.point([0] * 256 * len(img.getbands()))
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+def _augment_ops(transform):
+    """The timm ``AugmentOp``s inside a Compose built by ``create_transform`` (RandAugment and AugMix keep
+    them in ``ops``, AutoAugment in ``policy``, a list of sub-policies)."""
+    ops = []
+    for t in getattr(transform, "transforms", [transform]):
+        ops += list(getattr(t, "ops", []))
+        ops += [op for sub_policy in getattr(t, "policy", []) for op in sub_policy]
+    return [op for op in ops if isinstance(op, auto_augment.AugmentOp)]
+
+
+def build_finetune_transform(args):
+    """timm's training pipeline with the release's flags (``--aa`` auto-augment, ``--reprob`` random erasing,
+    bicubic random-resized crop, flip), normalised by ``mean_std``. At 32 px and below the release (following
+    DeiT) replaces the random-resized crop by a random crop with 4 px padding. Every Posterize op of the
+    auto-augment policy posterizes to 0 bits as the release's Pillow did (``posterize_0_bits_black``); the ops,
+    magnitudes and probabilities are timm's."""
+    mean, std = mean_std(args)
+    aa = None if args.aa in (None, "", "none", "None") else args.aa
+    transform = create_transform(input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
+                                 auto_augment=aa, interpolation=args.train_interpolation, re_prob=args.reprob,
+                                 re_mode=args.remode, re_count=args.recount, mean=mean, std=std)
+    if args.input_size <= 32:
+        transform.transforms[0] = transforms.RandomCrop(args.input_size, padding=4)
+    ops = _augment_ops(transform)
+    if aa is not None and not ops:
+        # every timm policy (rand, augmix, v0, original, 3a, ...) is made of AugmentOps; finding none means a
+        # timm release built them differently and the Posterize ops would run unpatched
+        raise RuntimeError(f"timm {timm.__version__} built --aa {aa} without the AugmentOps that "
+                           f"datasets.build_finetune_transform looks for; update it for this timm")
+    for op in ops:
+        if op.name.startswith("Posterize"):
+            op.aug_fn = posterize_0_bits_black
+    return transform
 
 
 def build_dataset(is_train, args, transform=None):

@@ -20,12 +20,11 @@ import socket
 import time
 
 import torch
-from timm.data import Mixup, create_transform
+from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import create_model
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
-from torchvision import transforms
 
 import datasets
 import modeling_bootmae
@@ -191,20 +190,6 @@ def mixup_active(args):
 # ---------------------------------------------------------------------------------------------------------
 # data
 
-def build_train_transform(args):
-    """timm's training pipeline with the release's flags (RandAugment, random erasing, bicubic
-    random-resized crop, flip), normalised by ``datasets.mean_std``. At 32 px and below the release
-    (following DeiT) replaces the random-resized crop by a random crop with 4 px padding."""
-    mean, std = datasets.mean_std(args)
-    aa = None if args.aa in (None, "", "none", "None") else args.aa
-    transform = create_transform(input_size=args.input_size, is_training=True, color_jitter=args.color_jitter,
-                                 auto_augment=aa, interpolation=args.train_interpolation, re_prob=args.reprob,
-                                 re_mode=args.remode, re_count=args.recount, mean=mean, std=std)
-    if args.input_size <= 32:
-        transform.transforms[0] = transforms.RandomCrop(args.input_size, padding=4)
-    return transform
-
-
 def check_nb_classes(args, found):
     """``found``: [(set name, its number of classes)]. Labels run from 0, so a head with fewer outputs than
     a set's classes cannot score every label; a larger head is allowed (unused outputs)."""
@@ -230,7 +215,7 @@ def build_loaders(args, device):
     train_loader = val_loader = None
     train_set = val_set = None
     if not args.eval:
-        train_set, n = datasets.build_dataset(True, args, transform=build_train_transform(args))
+        train_set, n = datasets.build_dataset(True, args, transform=datasets.build_finetune_transform(args))
         found.append(("training", n))
     if args.eval or not args.disable_eval_during_finetuning:
         val_set, n = datasets.build_dataset(False, args)
