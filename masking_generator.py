@@ -8,14 +8,22 @@ tensor without padding.
 
 Randomness
 ----------
-Masks are drawn inside DataLoader workers. A ``numpy.random.Generator`` created
-in the main process would be copied into every (forked) worker and all workers
-would then produce the same masks, and numpy's global state is not reseeded per
-worker by every torch version. So, unless an explicit ``rng`` is given, a
-generator creates its own ``numpy.random.Generator`` lazily, on its first call
-in each process, seeded from the DataLoader worker seed
-(``torch.utils.data.get_worker_info().seed``), or from ``torch.initial_seed()``
-in the main process. Consequences:
+Masks are drawn inside DataLoader workers. A random generator created in the
+main process would be copied into every (forked) worker and all workers would
+then produce the same masks. So, unless an explicit ``rng`` is given, a
+generator creates its own streams lazily, on its first call in each process,
+seeded from the DataLoader worker seed (``torch.utils.data.get_worker_info().seed``),
+or from ``torch.initial_seed()`` in the main process:
+
+* the block-wise stage draws from a ``random.Random`` with that seed, in the
+  release's order of calls. torch seeds Python's ``random`` of each worker with
+  the same number, and the release's workers draw their masks (and nothing
+  else) from it, so a worker here places the same blocks as the release's
+  worker of the same seed;
+* the random top-up, the swaps and the MAE masks draw from a
+  ``numpy.random.Generator`` with that seed.
+
+Consequences:
 
 * ``torch.manual_seed(s)`` before building the DataLoader makes the masks
   reproducible (same seed + same worker id => same masks);
@@ -24,12 +32,17 @@ in the main process. Consequences:
   stream; use one generator per dataset (the normal case);
 * without torch installed, the seed comes from fresh OS entropy.
 
-An explicit ``rng`` (constructor or call argument) is always used as is; it is
-meant for tests and analysis, since in forked workers it would be duplicated.
+An explicit ``rng`` (constructor or call argument) is meant for tests and
+analysis, since in forked workers it would be duplicated. It is a
+``numpy.random.Generator`` (the block stage then uses a ``random.Random`` seeded
+from one draw of it) or a ``random.Random`` (the block stage draws from it
+directly, so for the same state the block stage gives the release's mask; the
+numpy stages use a Generator seeded from it afterwards).
 """
 
 import math
 import os
+import random
 from collections import deque
 
 import numpy as np
@@ -62,29 +75,40 @@ def _process_seed():
 
 
 class _RngSource:
-    """Hands out the explicit rng if one was given, otherwise a Generator that is
+    """Hands out the explicit rng if one was given, otherwise streams that are
     (re)created whenever the process or its seed changes: once per worker, and in
     the main process after every ``torch.manual_seed`` (the training loop reseeds
-    each epoch, so a resumed run draws the same masks as an uninterrupted one)."""
+    each epoch, so a resumed run draws the same masks as an uninterrupted one).
+
+    ``get(rng, random.Random)`` gives the stream of the block stage,
+    ``get(rng, np.random.Generator)`` the one of the other stages; an explicit rng
+    of the other kind is converted by one draw from it."""
 
     def __init__(self, rng=None):
-        if rng is not None and not isinstance(rng, np.random.Generator):
-            raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-        self._fixed = rng
-        self._lazy = None
+        self._fixed = _check_rng(rng)
         self._key = None
+        self._lazy = {}
 
-    def get(self, rng=None):
-        if rng is not None:
+    def get(self, rng, kind):
+        rng = _check_rng(rng) if rng is not None else self._fixed
+        if rng is None:
+            seed = _process_seed()
+            key = (os.getpid(), seed)
+            if self._key != key:
+                self._lazy = {random.Random: random.Random(seed), np.random.Generator: np.random.default_rng(seed)}
+                self._key = key
+            return self._lazy[kind]
+        if isinstance(rng, kind):
             return rng
-        if self._fixed is not None:
-            return self._fixed
-        seed = _process_seed()
-        key = (os.getpid(), seed)
-        if self._lazy is None or self._key != key:
-            self._lazy = np.random.default_rng(seed)
-            self._key = key
-        return self._lazy
+        if kind is random.Random:
+            return random.Random(int(rng.integers(2 ** 63)))
+        return np.random.default_rng(rng.getrandbits(64))
+
+
+def _check_rng(rng):
+    if rng is not None and not isinstance(rng, (np.random.Generator, random.Random)):
+        raise TypeError(f"rng must be a numpy.random.Generator or a random.Random, got {type(rng).__name__}")
+    return rng
 
 
 def _top_up(flat_mask, target, rng):
@@ -96,18 +120,33 @@ def _top_up(flat_mask, target, rng):
         flat_mask[rng.choice(visible, size=missing, replace=False)] = True
 
 
+# The release retries a placement until a rectangle adds something. Feasible settings need far fewer draws
+# for one placement (most over 20,000 masks on 14x14 with blocks of 16..60: 232 for a budget of 120, 157 for
+# 147, 1,267 for 195 of 196); this many only happens when no drawable rectangle can add what is missing,
+# where the release's loop never ends.
+MAX_PLACEMENT_ATTEMPTS = 100_000
+
+
 class MaskingGenerator:
-    """BEiT block-wise masking: rectangles of random area and aspect ratio are
-    added until the budget ``num_masking_patches`` is reached.
+    """Block-wise masking as BootMAE's release ran it: rectangles of random area
+    and aspect ratio are added until exactly ``num_masking_patches`` cells are
+    masked.
 
-    The count never exceeds the budget, but it can fall short of it when ten
-    consecutive placement attempts add nothing (e.g. the leftover budget is
-    smaller than any rectangle that still fits around the masked area).
-    Wrap it (``ReleaseMaskingGenerator`` / ``build_masking_generator``) when an
-    exact count is needed.
+    Each placement draws, in the release's order and with the release's calls on
+    a ``random.Random``, an area uniform between ``min_num_patches`` and what may
+    still be added, a log-uniform aspect ratio and, for a rectangle narrower and
+    lower than the grid, its top and left corner; it is accepted when it adds at
+    least one cell and no more than may still be added, and drawn again otherwise
+    (BEiT's generator gives up after ten draws and can fall short of the budget;
+    the release's never does). For the same ``random.Random`` state the mask is
+    the release's.
 
-    ``_place_one`` adds at most one rectangle and is the hook tests override to
-    observe single placements.
+    A budget whose placement draws ``MAX_PLACEMENT_ATTEMPTS`` rectangles without
+    success raises ``ValueError``; the constructor draws one mask with a private
+    stream so that settings that cannot be placed fail there.
+
+    ``_place_one`` adds one rectangle and is the hook tests override to observe
+    single placements.
     """
 
     def __init__(self, input_size, num_masking_patches, min_num_patches=16,
@@ -133,6 +172,7 @@ class MaskingGenerator:
         self.max_aspect = float(max_aspect)
         self._log_aspect = (math.log(self.min_aspect), math.log(self.max_aspect))
         self._rng = _RngSource(rng)
+        self._generate(random.Random(0))
 
     def __repr__(self):
         return (f"{type(self).__name__}(grid={self.height}x{self.width}, "
@@ -143,44 +183,43 @@ class MaskingGenerator:
     def get_shape(self):
         return self.height, self.width
 
-    def _place_one(self, mask, max_mask, rng):
-        """Try up to ten rectangles; return how many cells the first one that
-        adds something masked (0 if none did)."""
-        low, high = sorted((self.min_num_patches, max_mask))
-        # one vectorised draw for all attempts: scalar Generator calls dominate
-        # the cost otherwise
-        draws = rng.random((10, 4))
-        areas = low + (high - low) * draws[:, 0]
-        aspects = np.exp(self._log_aspect[0] + (self._log_aspect[1] - self._log_aspect[0]) * draws[:, 1])
-        hs = np.rint(np.sqrt(areas * aspects)).astype(np.int64)
-        ws = np.rint(np.sqrt(areas / aspects)).astype(np.int64)
-        for attempt in range(10):
-            h, w = int(hs[attempt]), int(ws[attempt])
-            # strict inequalities as in BEiT: a rectangle never spans the grid
+    def _place_one(self, mask, max_mask, prng):
+        """Draw rectangles until one adds 1..max_mask cells; mask it and return
+        how many cells it added."""
+        # the release's draws, call for call, so that a random.Random state gives its masks
+        uniform, randint = prng.uniform, prng.randint
+        for _ in range(MAX_PLACEMENT_ATTEMPTS):
+            area = uniform(self.min_num_patches, max_mask)
+            aspect = math.exp(uniform(*self._log_aspect))
+            h = int(round(math.sqrt(area * aspect)))
+            w = int(round(math.sqrt(area / aspect)))
+            # strict inequalities as in the release: a rectangle never spans the grid
             if w >= self.width or h >= self.height:
                 continue
-            top = int(draws[attempt, 2] * (self.height - h + 1))
-            left = int(draws[attempt, 3] * (self.width - w + 1))
+            top = randint(0, self.height - h)
+            left = randint(0, self.width - w)
             window = mask[top:top + h, left:left + w]
             added = h * w - int(window.sum())
             if 0 < added <= max_mask:
                 window[...] = True
                 return added
-        return 0
+        raise ValueError(
+            f"block-wise masking cannot reach its budget of {self.num_masking_patches} patches on the "
+            f"{self.height}x{self.width} grid with blocks of {self.min_num_patches}..{self.max_num_patches} "
+            f"patches (none of {MAX_PLACEMENT_ATTEMPTS} drawn blocks adds 1..{max_mask} more); lower "
+            f"--min_mask_patches_per_block or the block budget (--num_mask_patches with --mask_type "
+            f"release, --mask_num with block)")
 
-    def _generate(self, rng):
+    def _generate(self, prng):
         mask = np.zeros((self.height, self.width), dtype=bool)
         count = 0
         while count < self.num_masking_patches:
             max_mask = min(self.num_masking_patches - count, self.max_num_patches)
-            added = self._place_one(mask, max_mask, rng)
-            if added == 0:
-                break
-            count += added
+            count += self._place_one(mask, max_mask, prng)
         return mask
 
     def __call__(self, rng=None):
-        return self._generate(self._rng.get(rng))
+        return self._generate(self._rng.get(rng, random.Random))
 
 
 class RandomMaskingGenerator:
@@ -204,20 +243,20 @@ class RandomMaskingGenerator:
         return self.height, self.width
 
     def __call__(self, rng=None):
-        rng = self._rng.get(rng)
+        rng = self._rng.get(rng, np.random.Generator)
         flat = np.zeros(self.num_patches, dtype=bool)
         flat[rng.choice(self.num_patches, size=self.num_masking_patches, replace=False)] = True
         return flat.reshape(self.height, self.width)
 
 
 class ReleaseMaskingGenerator:
-    """The masking of BootMAE's released training: a block-wise mask with budget
-    ``num_block_patches``, topped up with uniformly chosen cells to exactly
+    """The masking of BootMAE's released training: a block-wise mask of exactly
+    ``num_block_patches`` cells, topped up with uniformly chosen cells to exactly
     ``num_masking_patches``, then ``k`` in ``0..max_swap`` block-masked cells are
     swapped with visible ones (count unchanged).
 
-    With ``num_block_patches == num_masking_patches`` and ``max_swap=0`` this is a
-    block-wise mask with an exact count (the "block" type of the builder).
+    With ``num_block_patches == num_masking_patches`` and ``max_swap=0`` this is
+    plain block-wise masking (the "block" type of the builder).
     """
 
     def __init__(self, input_size, num_masking_patches, num_block_patches, min_num_patches=16,
@@ -251,8 +290,8 @@ class ReleaseMaskingGenerator:
         return self.height, self.width
 
     def __call__(self, rng=None):
-        rng = self._rng.get(rng)
-        block_flat = self.block._generate(rng).reshape(-1)
+        block_flat = self.block._generate(self._rng.get(rng, random.Random)).reshape(-1)
+        rng = self._rng.get(rng, np.random.Generator)
         flat = block_flat.copy()
         _top_up(flat, self.num_masking_patches, rng)
         if self.max_swap > 0:
@@ -272,9 +311,9 @@ def build_masking_generator(mask_type, input_size, num_masking_patches, num_bloc
     """Validate the command-line settings and build the generator.
 
     ``input_size`` is the patch grid (image size / patch size), an int or (h, w).
-    "block" masks are block-wise with budget ``num_masking_patches`` and then
-    topped up randomly to exactly that count, so every image of a batch has
-    the same number of masked patches; "release" needs ``num_block_patches``.
+    "block" masks are block-wise with exactly ``num_masking_patches`` cells (every
+    generator gives every image of a batch the same count); "release" needs
+    ``num_block_patches``.
     ``min_num_patches``/``max_num_patches``/``min_aspect`` are ignored by "random".
     """
     if mask_type not in MASK_TYPES:
