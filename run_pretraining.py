@@ -3,7 +3,9 @@
     python run_pretraining.py --data_path /path/to/imagenet --output_dir out/ [flags]
     torchrun --nproc_per_node 8 run_pretraining.py ...         (one or several nodes; srun works too)
 
-Flags and defaults follow the authors' release; see README.md.
+The release's command lines mean the same run here: flags they leave unset default to its parser's values;
+README.md ("The flags that matter") lists which defaults follow the paper instead and every difference.
+``--mae`` is the MAE paper's pretraining (``MAE_PRESET``).
 """
 import argparse
 import json
@@ -26,6 +28,29 @@ from modeling_bootmae import from_release_state_dict, is_release_state_dict
 from optim_factory import create_optimizer
 
 
+# The MAE paper's pretraining (He et al., 2022) as flags of this script: pixel target only (no feature
+# predictor, so no momentum encoder), random masking, MAE's decoder of 8 blocks, 512 wide, 16 heads, without
+# context injection, and each patch normalised over all its values (MAE's norm_pix_loss). ``--mae`` applies it
+# (``benchmarks/bench_pretrain.py --mae`` too, through this parser).
+MAE_PRESET = dict(feature_weight=0.0, mask_type="random", context="none", decoder_depth=8, decoder_dim=512,
+                  decoder_num_heads=16, pixel_norm="patch", weight_mask=False)
+
+
+class PresetAction(argparse.Action):
+    """A flag that sets several others (``preset``: dest -> value). It leaves alone a flag given before it
+    with a value other than the default; flags given after it override it. It stores nothing itself, so a
+    run spelt with the preset has the same arguments as one spelt with the flags."""
+
+    def __init__(self, option_strings, dest, preset, **kwargs):
+        super().__init__(option_strings, argparse.SUPPRESS, nargs=0, default=argparse.SUPPRESS, **kwargs)
+        self.preset = preset
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for dest, value in self.preset.items():
+            if getattr(namespace, dest) == parser.get_default(dest):
+                setattr(namespace, dest, value)
+
+
 def get_args_parser():
     p = argparse.ArgumentParser("BootMAE pretraining", add_help=False)
     p.add_argument("--batch_size", default=256, type=int, help="images per process and step")
@@ -42,12 +67,17 @@ def get_args_parser():
     p.add_argument("--input_size", default=224, type=int, help="image side in pixels")
     p.add_argument("--patch_size", default=None, type=int,
                    help="patch side (default: the model's, 16; 14 for huge); e.g. 4 for 32px CIFAR images")
-    p.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth of the encoder")
+    p.add_argument("--drop_path", default=0.0, type=float,
+                   help="stochastic depth of the encoder (the release pretrains without: 0)")
     p.add_argument("--decoder_dim", default=None, type=int, help="pixel regressor width (default 512)")
     p.add_argument("--decoder_depth", default=None, type=int, help="blocks per decoder (default 2)")
 
     # ablations (README "Ablations"); the defaults are the release's BootMAE
     g = p.add_argument_group("ablations")
+    g.add_argument("--mae", action=PresetAction, preset=MAE_PRESET,
+                   help="the MAE paper's pretraining: " + " ".join(
+                       f"--{k}" if v is True else f"--{k} {v}" for k, v in MAE_PRESET.items() if v is not False)
+                   + " (no momentum encoder); flags after --mae override it")
     g.add_argument("--encoder_dim", default=None, type=int,
                    help="encoder width instead of --model's (scaled-down runs, e.g. the CPU CIFAR-10 comparison)")
     g.add_argument("--encoder_depth", default=None, type=int, help="encoder blocks instead of --model's")
@@ -114,9 +144,11 @@ def get_args_parser():
 
     # optimisation
     p.add_argument("--lr", default=1.5e-4, type=float, help="base lr; actual lr = lr * total batch / 256")
-    p.add_argument("--min_lr", default=1e-4, type=float, help="final lr of the cosine (absolute)")
+    p.add_argument("--min_lr", default=1e-5, type=float,
+                   help="final lr of the cosine, absolute (the release's 1e-5; its ViT-B script sets 1e-4)")
     p.add_argument("--warmup_epochs", default=40, type=int)
-    p.add_argument("--warmup_lr", default=0.0, type=float)
+    p.add_argument("--warmup_lr", default=0.0, type=float,
+                   help="lr at the start of warm-up (the release's warm-up starts at 0; its --warmup_lr is unused)")
     p.add_argument("--weight_decay", default=0.05, type=float)
     p.add_argument("--weight_decay_end", default=None, type=float, help="cosine weight decay end (default: constant)")
     p.add_argument("--clip_grad", default=None, type=float, help="gradient norm clip (default: none)")
@@ -133,8 +165,8 @@ def get_args_parser():
     p.add_argument("--data_set", default="image_folder", choices=["image_folder", "cifar10", "cifar100", "npz", "demo"],
                    help="npz: --data_path holds train.npz with arrays images [n, H, W, 3] uint8 and labels")
     p.add_argument("--data_path", default=None, type=str, help="ImageNet-style folder (its train/ is used)")
-    p.add_argument("--min_crop_scale", default=0.2, type=float,
-                   help="smallest area fraction of the random-resized crop (the release's 0.2)")
+    p.add_argument("--min_crop_scale", "--resize_scale", dest="min_crop_scale", default=0.2, type=float,
+                   help="smallest area fraction of the random-resized crop (the release's --resize_scale 0.2)")
     utils.add_loader_args(p)  # --demo_size --imagenet_default_mean_and_std --num_workers --[no_]pin_mem
 
     # run

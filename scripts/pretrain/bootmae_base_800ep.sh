@@ -3,8 +3,9 @@
 # Total batch 4096 = nodes x GPUs per node x --batch_size x --update_freq (the paper: 16 V100 x 256).
 #   one node:     DATA_PATH=/data/imagenet OUTPUT_DIR=out/bootmae_base bash scripts/pretrain/bootmae_base_800ep.sh
 #   several:      NNODES=2 NODE_RANK=0|1 MASTER_ADDR=<node 0 host> ... (run on every node)
-# The release's scripts say --epochs 801 and fine-tune from checkpoint-799.pth; 800 gives the same
-# schedule length for the epochs that are used.
+# The release's flags: --epochs 801 as its script (the cosine spans 801 epochs; the release fine-tuned and
+# probed checkpoint-799.pth, after 800 epochs; the 801st only adds checkpoint-800.pth), --min_lr 1e-4 as its
+# ViT-B line; what it leaves unset has its parser's value here too (no drop path, crop scale 0.2, ...).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -21,6 +22,6 @@ OMP_NUM_THREADS=1 exec "$PYTHON" -m torch.distributed.run \
     --model bootmae_base \
     --model_ema --model_ema_decay 0.999 --model_ema_dynamic \
     --batch_size "$BATCH" --update_freq "$UPDATE_FREQ" --lr 1.5e-4 --min_lr 1e-4 \
-    --epochs 800 --warmup_epochs 40 \
+    --epochs 801 --warmup_epochs 40 \
     --mask_num 147 --num_mask_patches 120 --feature_weight 1 --weight_mask \
     --num_workers 10 "$@"
