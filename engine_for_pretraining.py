@@ -38,32 +38,41 @@ def unpatchify(patches, patch_size, grid, channels=3):
 PIXEL_NORMS = ("channel", "patch", "none")
 
 
+# The epsilon under the square root of each --pixel_norm: the release's per-channel target adds 1e-5 to the biased
+# variance; MAE's norm_pix_loss adds 1e-6 to the unbiased (Bessel-corrected) variance. Kept as each wrote it so
+# that `channel` is the release's target and `patch` is MAE's exactly.
+PIXEL_NORM_EPS = {"channel": 1e-5, "patch": 1e-6}
+
+
 def _patch_groups(images, patch_size, norm):
     """Patches as ``--pixel_norm`` normalises them: [B, N, P*P, C] per channel (``channel``), else [B, N, P*P*C],
-    with their mean and (biased) variance over dim 2."""
+    with their mean and variance over dim 2 (biased for ``channel`` as the release, unbiased for ``patch`` as
+    MAE) plus the epsilon of the mode."""
     x = patchify(images.float(), patch_size)
     if norm == "channel":
         x = x.reshape(*x.shape[:2], -1, images.shape[1])
-    return x, x.mean(dim=2, keepdim=True), x.var(dim=2, unbiased=False, keepdim=True)
+    var = x.var(dim=2, unbiased=norm == "patch", keepdim=True)
+    return x, x.mean(dim=2, keepdim=True), var + PIXEL_NORM_EPS[norm]
 
 
-def normalized_pixel_target(images, patch_size, eps=1e-5, norm="channel"):
-    """The pixel target [B, N, P*P*C] (``--pixel_norm``): each patch normalised by its own mean and (biased)
-    std per channel (``channel``, the release), over all its values (``patch``, the MAE paper's norm_pix_loss),
-    or the input pixels as they are (``none``, the MAE paper's unnormalised ablation)."""
+def normalized_pixel_target(images, patch_size, norm="channel"):
+    """The pixel target [B, N, P*P*C] (``--pixel_norm``): each patch normalised by its own mean and std per
+    channel (``channel``, the release: biased variance + 1e-5), over all its values (``patch``, the MAE paper's
+    norm_pix_loss: unbiased variance + 1e-6), or the input pixels as they are (``none``, MAE's unnormalised
+    ablation)."""
     if norm == "none":
         return patchify(images.float(), patch_size)
     x, mean, var = _patch_groups(images, patch_size, norm)
-    return ((x - mean) / (var + eps).sqrt()).flatten(2)
+    return ((x - mean) / var.sqrt()).flatten(2)
 
 
-def pixels_of_prediction(pred, images, patch_size, eps=1e-5, norm="channel"):
+def pixels_of_prediction(pred, images, patch_size, norm="channel"):
     """Input-space patches [B, N, P*P*C] of a pixel prediction: ``normalized_pixel_target`` undone with the true
     patches' own statistics (as MAE's visualisation does)."""
     if norm == "none":
         return pred.float()
     x, mean, var = _patch_groups(images, patch_size, norm)
-    return (pred.float().reshape_as(x) * (var + eps).sqrt() + mean).flatten(2)
+    return (pred.float().reshape_as(x) * var.sqrt() + mean).flatten(2)
 
 
 def mask_weights(mask, grid):

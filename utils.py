@@ -117,10 +117,11 @@ def seed_everything(seed):
 
 def cosine_scheduler(base_value, final_value, epochs, steps_per_epoch, warmup_epochs=0, start_warmup_value=0.0):
     """Per-step values: linear warm-up from ``start_warmup_value`` over ``warmup_epochs``, then a half
-    cosine from ``base_value`` to ``final_value``. Indexed by the global optimisation step."""
+    cosine from ``base_value`` to ``final_value``. Indexed by the global optimisation step. As in the release
+    (BEiT's scheduler), the warm-up's last step already has ``base_value`` (``linspace`` with its endpoint)."""
     warmup = int(warmup_epochs * steps_per_epoch)
     total = int(epochs * steps_per_epoch)
-    warm = np.linspace(start_warmup_value, base_value, warmup, endpoint=False) if warmup > 0 else np.array([])
+    warm = np.linspace(start_warmup_value, base_value, warmup) if warmup > 0 else np.array([])
     steps = np.arange(total - warmup)
     cos = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * steps / max(len(steps), 1)))
     return np.concatenate([warm, cos])

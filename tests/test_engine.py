@@ -144,7 +144,8 @@ def test_pixel_norm_modes():
     assert torch.equal(raw[1, 5], channels_last.flatten())
     whole = normalized_pixel_target(images, P, norm="patch")[1, 5]
     v = channels_last.flatten()
-    assert torch.allclose(whole, (v - v.mean()) / (v.var(unbiased=False) + 1e-5).sqrt(), atol=1e-5)
+    # MAE's norm_pix_loss: unbiased variance + 1e-6
+    assert torch.allclose(whole, (v - v.mean()) / (v.var(unbiased=True) + 1e-6).sqrt(), atol=1e-5)
     per_channel = normalized_pixel_target(images, P, norm="channel")[1, 5].reshape(-1, 3)
     want = (channels_last - channels_last.mean(0)) / (channels_last.var(0, unbiased=False) + 1e-5).sqrt()
     assert torch.allclose(per_channel, want, atol=1e-5)
@@ -195,9 +196,10 @@ def test_cosine_scheduler():
     s = utils.cosine_scheduler(base, final, epochs, steps, warm, start)
     assert len(s) == epochs * steps
     w = warm * steps
-    np.testing.assert_allclose(s[:w], start + (base - start) * np.arange(w) / w, rtol=1e-12)
+    # the release's (BEiT's) warm-up: linspace with its endpoint, so its last step is the base value
+    np.testing.assert_allclose(s[:w], start + (base - start) * np.arange(w) / (w - 1), rtol=1e-12)
     assert s[0] == start
-    assert s[w] == pytest.approx(base)                        # first value after the warm-up is the base
+    assert s[w - 1] == pytest.approx(base) and s[w] == pytest.approx(base)
     assert np.all(np.diff(s[:w]) > 0) and np.all(np.diff(s[w:]) < 0)
     assert s[-1] == pytest.approx(final, abs=(base - final) * 1e-3)
     assert s[-1] > final
