@@ -75,9 +75,13 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, arg
             loss = criterion(outputs.float(), targets)
             # the engine divides the loss by the accumulation steps and steps only on the boundary
             model.backward(loss)
-            model.step()
             grad_norm = None
-            if update:
+            if update and not (model.fp16_enabled() or model.bfloat16_enabled() or model.zero_optimization()):
+                # fp32 without ZeRO: the engine steps torch's optimizer directly and reports no norm; the
+                # gradients are the parameters' own, already averaged over ranks: measure them before the step
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            model.step()
+            if update and grad_norm is None:
                 norm = model.get_global_grad_norm()
                 grad_norm = None if norm is None else torch.as_tensor(float(norm), device=device)
         else:

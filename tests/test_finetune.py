@@ -276,6 +276,19 @@ def test_deepspeed_zero1_bf16_train_resume_and_eval(files, capsys):
         assert result[f"ema_{key}"] == log[-1][f"test_ema_{key}"], key
 
 
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                    reason="DeepSpeed is not installed (pip install deepspeed)")
+def test_deepspeed_fp32_zero0_logs_the_gradient_norm(files):
+    # fp32 without ZeRO, the CPU default: DeepSpeed's engine computes no norm there (the lines said nan)
+    out = files["root"] / "deepspeed_fp32"
+    stdout = _run(_common(files, out, "--epochs", "1", "--enable_deepspeed", "--amp", "none"))
+    assert "DeepSpeed: ZeRO stage 0, fp32" in stdout
+    norms = [float(line.split("grad_norm ")[1].split()[0]) for line in stdout.splitlines() if "grad_norm " in line]
+    assert len(norms) == 2 and all(0 < n < 1e3 for n in norms), norms
+    (record,) = _log(out)
+    assert record["train_grad_norm"] == pytest.approx(sum(norms) / 2, abs=1e-3)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # bad input: one line on stderr, exit status 2, nothing written
 
