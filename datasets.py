@@ -150,8 +150,11 @@ class DataAugmentationForBootMAE:
 
     def __call__(self, image):
         img = self.transform(image)
-        mask = np.asarray(self.masked_position_generator(), dtype=bool).reshape(-1)
-        return img, torch.from_numpy(mask)
+        return img, self.draw_mask()
+
+    def draw_mask(self):
+        """A fresh flattened bool patch mask [N] (True = masked) from the generator's own stream."""
+        return torch.from_numpy(np.asarray(self.masked_position_generator(), dtype=bool).reshape(-1))
 
     def __repr__(self):
         return (
@@ -388,6 +391,132 @@ def build_pretraining_dataset(args):
             raise UsageError(f"--data_set npz expects {path}; give --data_path the folder holding train.npz")
         return LabelDroppedDataset(NpzImages(path, transform))
     return DemoImages(transform, size=getattr(args, "demo_size", 2048))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# input pipelines (--data_pipeline)
+#
+# pil   the workers decode with PIL, crop and resize with PIL (bicubic), flip, convert to float and normalise;
+#       the batch reaches the training process as float32 (DataAugmentationForBootMAE).
+# fast  the workers decode with torchvision.io (libjpeg-turbo; PIL for what it cannot read), crop, resize
+#       (bicubic, antialiased, torch's uint8 kernel) and flip in uint8 and return uint8 images; the training
+#       process copies the uint8 batch (a quarter of the bytes) to the device and normalises it there
+#       (DeviceBatches), as timm's prefetcher does. Crop box, flip and mask come from the same calls on the
+#       same worker RNGs as in pil, so for one seed both pipelines crop, flip and mask alike.
+
+DATA_PIPELINES = ("pil", "fast")
+
+
+def tensor_rgb_loader(path):
+    """uint8 RGB image [3, H, W] (channels last in memory) decoded by torchvision.io (libjpeg-turbo for JPEG).
+    What torchvision cannot decode goes to PIL (``pil_rgb_loader``): formats torchvision lacks are read there,
+    and a broken file raises PIL's error, which ``PretrainingImageFolder`` reports and skips."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+    try:
+        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        return uint8_image(pil_rgb_loader(path))
+
+
+def uint8_image(image):
+    """A PIL image (or a uint8 tensor [3, H, W], returned as it is) as uint8 RGB [3, H, W], channels last in
+    memory."""
+    if torch.is_tensor(image):
+        return image
+    return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+
+
+def resized_crop(image, box, size, flip):
+    """``image`` [3, H, W] cropped to ``box`` (top, left, height, width), resized to ``size`` (h, w) bicubic
+    with antialiasing, and flipped left-right if ``flip``: [3, h, w], uint8 in uint8 out (torch's uint8 kernel,
+    a port of PIL's resampling, used when the crop is channels last), float in float out."""
+    top, left, height, width = (int(v) for v in box)
+    x = image[:, top:top + height, left:left + width].unsqueeze(0)
+    if x.dtype == torch.uint8:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = torch.nn.functional.interpolate(x, size=tuple(size), mode="bicubic", antialias=True, align_corners=False)
+    x = x[0]
+    return x.flip(-1) if flip else x
+
+
+def normalise_uint8(images, mean, std):
+    """uint8 images [B, 3, H, W] -> float32, normalised by ``mean``/``std`` (given for [0, 1] pixels), on the
+    images' device: (x - 255 mean) / (255 std), as timm's prefetcher does."""
+    scale = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * 255
+    shift = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * 255
+    return (images.float() - shift) / scale
+
+
+class UInt8AugmentationForBootMAE(DataAugmentationForBootMAE):
+    """``DataAugmentationForBootMAE`` in uint8 (``--data_pipeline fast``): the same random-resized-crop box
+    (``RandomResizedCrop.get_params`` with the same scale and ratio), the same flip draw and the same mask, from
+    the same RNG calls in the same order; the image is cropped, resized and flipped by ``resized_crop`` and
+    returned as uint8 [3, h, w], to be normalised on the device (``normalise_uint8``)."""
+
+    def __init__(self, args):
+        super().__init__(args)
+        crop, flip = self.transform.transforms[:2]
+        self.size, self.scale, self.ratio, self.flip_p = tuple(crop.size), crop.scale, crop.ratio, flip.p
+
+    def draw(self, image):
+        """(crop box, flip) of one image (PIL or tensor), drawn as the pil pipeline's transforms draw them."""
+        box = transforms.RandomResizedCrop.get_params(image, self.scale, self.ratio)
+        return box, bool(torch.rand(1) < self.flip_p)
+
+    def __call__(self, image):
+        image = uint8_image(image)
+        box, flip = self.draw(image)
+        return resized_crop(image, box, self.size, flip), self.draw_mask()
+
+
+def with_transform(dataset, transform, loader=None):
+    """A shallow copy of a pretraining dataset (``build_pretraining_dataset``) whose items go through
+    ``transform`` (and, for an image folder, whose files are read by ``loader``); files, labels and the
+    unreadable-file handling are shared with ``dataset``."""
+    import copy
+    view = copy.copy(dataset)
+    if isinstance(view, LabelDroppedDataset):
+        view.base = with_transform(view.base, transform, loader)
+    if isinstance(view, PretrainingImageFolder):
+        view._bad_indices = set()
+        if loader is not None:
+            view.loader = loader
+    view.transform = transform
+    return view
+
+
+class DeviceBatches:
+    """Batches of a uint8 DataLoader as the training loop takes them: images copied to ``device`` (non-blocking
+    from pinned memory) and normalised there (``normalise_uint8``); masks stay on the host, where the loop
+    reads the masked count without waiting for the device."""
+
+    def __init__(self, loader, device, mean, std):
+        self.loader, self.device, self.mean, self.std = loader, device, mean, std
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for images, mask in self.loader:
+            yield normalise_uint8(images.to(self.device, non_blocking=True), self.mean, self.std), mask
+
+
+def build_pretraining_loader(args, dataset, sampler, device):
+    """The pretraining DataLoader of ``args.data_pipeline`` over ``dataset`` (``build_pretraining_dataset``'s,
+    whose pil items stay what other code reads): batches of ``args.batch_size`` (the last partial one dropped),
+    ``args.num_workers`` workers, pinned memory on CUDA with ``args.pin_mem``. Workers are not persistent: every
+    epoch starts fresh workers seeded from the training loop's per-epoch seed, which keeps a resumed run exact."""
+    pipeline = getattr(args, "data_pipeline", "pil") or "pil"
+    if pipeline not in DATA_PIPELINES:
+        raise UsageError(f"--data_pipeline {pipeline} is not supported; choose one of {', '.join(DATA_PIPELINES)}")
+    workers = args.num_workers
+    kwargs = dict(sampler=sampler, batch_size=args.batch_size, num_workers=workers, drop_last=True,
+                  pin_memory=bool(args.pin_mem) and device.type == "cuda", persistent_workers=False)
+    if pipeline == "pil":
+        return torch.utils.data.DataLoader(dataset, **kwargs)
+    view = with_transform(dataset, UInt8AugmentationForBootMAE(args), loader=tensor_rgb_loader)
+    loader = torch.utils.data.DataLoader(view, prefetch_factor=4 if workers else None, **kwargs)
+    return DeviceBatches(loader, device, *mean_std(args))
 
 
 # ---------------------------------------------------------------------------------------------------------

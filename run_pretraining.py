@@ -20,7 +20,7 @@ from timm.models import create_model
 import eval_knn
 import modeling_bootmae  # noqa: F401  (registers the bootmae_* models with timm)
 import utils
-from datasets import mean_std, build_pretraining_dataset
+from datasets import DATA_PIPELINES, build_pretraining_dataset, build_pretraining_loader, mean_std
 from engine_for_pretraining import (PIXEL_NORMS, TARGET_ENCODERS, NonFiniteLossError, build_target_encoder,
                                     normalized_pixel_target, patchify, pixels_of_prediction, target_patch_count,
                                     train_one_epoch, unpatchify)
@@ -167,6 +167,10 @@ def get_args_parser():
     p.add_argument("--data_path", default=None, type=str, help="ImageNet-style folder (its train/ is used)")
     p.add_argument("--min_crop_scale", "--resize_scale", dest="min_crop_scale", default=0.2, type=float,
                    help="smallest area fraction of the random-resized crop (the release's --resize_scale 0.2)")
+    p.add_argument("--data_pipeline", default="pil", choices=list(DATA_PIPELINES),
+                   help="pil: workers decode, crop and normalise with PIL as the release; fast: workers decode with "
+                        "libjpeg-turbo and crop, resize and flip in uint8, normalised on the device (same crops, "
+                        "flips and masks; README 'Input pipeline')")
     utils.add_loader_args(p)  # --demo_size --imagenet_default_mean_and_std --num_workers --[no_]pin_mem
 
     # run
@@ -553,9 +557,7 @@ def main(args):
     world, rank = utils.get_world_size(), utils.get_rank()
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
                                                   seed=args.seed)
-    loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.batch_size,
-                                         num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == "cuda",
-                                         drop_last=True, persistent_workers=False)
+    loader = build_pretraining_loader(args, dataset, sampler, device)   # items of dataset: the pil pipeline's
     if len(loader) // args.update_freq == 0:
         raise utils.UsageError(f"{len(dataset)} images over {world} processes give no full step of --batch_size "
                                f"{args.batch_size} x --update_freq {args.update_freq}; lower them or add data")

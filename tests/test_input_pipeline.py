@@ -1,0 +1,214 @@
+"""The pretraining input pipelines: benchmarks/bench_loader.py and ``--data_pipeline fast`` against ``pil`` (same
+crop boxes, flips and masks from the same RNG state; pixels within a stated tolerance; unreadable files skipped
+with the same warning; pil unchanged)."""
+import importlib.util
+import json
+import os
+import shutil
+import types
+import warnings
+
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+import datasets
+import run_pretraining
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Agreement of the fast pipeline's pixels with the pil pipeline's for one crop box, in levels of 255: both decode
+# with libjpeg-turbo (identical pixels); the bicubic antialiased resizes (PIL's and torch's uint8 port of it)
+# differ by rounding. Measured on the generated JPEGs: mean 0.015 levels, worst image mean 0.19, maximum 6.
+MAX_LEVELS = 8
+MEAN_LEVELS = 0.5
+
+TINY = ["--model", "bootmae_tiny", "--input_size", "32", "--decoder_dim", "64", "--decoder_depth", "1",
+        "--mask_num", "3", "--num_mask_patches", "2", "--min_mask_patches_per_block", "1",
+        "--max_mask_patches_per_block", "2", "--warmup_epochs", "1", "--min_lr", "1e-6", "--device", "cpu"]
+
+
+def _bench_loader():
+    spec = importlib.util.spec_from_file_location("bench_loader", os.path.join(ROOT, "benchmarks", "bench_loader.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def jpeg_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("bench_loader"))
+
+
+@pytest.fixture(scope="module")
+def folder(jpeg_root):
+    return _bench_loader().image_folder(jpeg_root, 6)
+
+
+def _args(folder, *flags):
+    args = run_pretraining.get_args_parser().parse_args(["--data_path", folder, "--num_workers", "0", *flags])
+    run_pretraining.check_args(args)
+    return args
+
+
+def _levels(pil_item, fast_item, args):
+    """|pil - fast| in levels of 255 [3, H, W] (the pil item is normalised, the fast one uint8)."""
+    mean, std = datasets.mean_std(args)
+    fast = datasets.normalise_uint8(fast_item[None], mean, std)[0]
+    return ((pil_item - fast) * torch.tensor(std).view(3, 1, 1) * 255).abs()
+
+
+# ----------------------------------------------------------------------------------------------- bench_loader
+
+def test_bench_loader_prints_one_json_line_per_configuration(jpeg_root, folder, capsys):
+    bench = _bench_loader()
+    names = sorted(os.listdir(os.path.join(folder, "train")))
+    files = [os.path.join(folder, "train", n, f) for n in names for f in os.listdir(os.path.join(folder, "train", n))]
+    assert len(files) == 6
+    for path in files:
+        with Image.open(path) as img:
+            assert img.format == "JPEG" and img.mode == "RGB" and img.size in bench.IMAGE_SIZES
+    stamp = os.path.getmtime(files[0])
+    results = bench.main(["--root", jpeg_root, "--num_images", "6", "--pipeline", "pil", "fast", "--workers", "0", "1",
+                          "--batch_size", "2", "--warmup", "1", "--batches", "2", "--repeats", "1"])
+    assert os.path.getmtime(files[0]) == stamp   # the folder was reused, not regenerated
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert lines == results
+    assert [(r["pipeline"], r["workers"]) for r in lines] == [("pil", 0), ("fast", 0), ("pil", 1), ("fast", 1)]
+    for r in lines:
+        assert r["images_per_s"] > 0 and r["images_per_s_per_worker"] == r["images_per_s"] / max(r["workers"], 1)
+        assert r["folder"] == folder and r["batch_size"] == 2 and len(r["load_average"]) == 3
+
+
+# ---------------------------------------------------------------------------------------------- pil vs fast
+
+def _pattern_image(width=400, height=300):
+    """A deterministic image with structure in every channel (no file, no RNG)."""
+    import numpy as np
+    yy, xx = np.mgrid[0:height, 0:width]
+    arr = np.stack([(xx * 7 + yy * 3) % 256, (xx * xx // 50 + yy) % 256, (yy * yy // 40 + 2 * xx) % 256], -1)
+    return Image.fromarray(arr.astype(np.uint8))
+
+
+def test_pil_pipeline_output_unchanged():
+    """DataAugmentationForBootMAE's items for a fixed seed, as the code before --data_pipeline produced them."""
+    args = types.SimpleNamespace(input_size=64, patch_size=16, mask_num=12, num_mask_patches=8,
+                                 min_mask_patches_per_block=2, max_mask_patches_per_block=6)
+    aug = datasets.DataAugmentationForBootMAE(args)
+    torch.manual_seed(7)
+    expected = [(-67.192, [-0.62353, 0.43529, 0.49804], [0, 1, 2, 3, 4, 5, 6, 7, 11, 12, 14, 15]),
+                (-16.2508, [-0.63922, 0.66275, 0.85098], [1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 12, 14]),
+                (-54.9723, [-0.06667, 0.0902, -0.76471], [0, 1, 2, 3, 4, 5, 6, 7, 8, 11, 13, 15])]
+    for total, pixel, masked in expected:
+        x, m = aug(_pattern_image())
+        assert x.shape == (3, 64, 64) and x.dtype == torch.float32 and m.shape == (16,) and m.dtype == torch.bool
+        assert x.double().sum().item() == pytest.approx(total, abs=1e-3)
+        assert x[:, 5, 9].tolist() == pytest.approx(pixel, abs=1e-4)
+        assert torch.nonzero(m).flatten().tolist() == masked
+
+
+@pytest.mark.parametrize("min_crop_scale", [0.2, 0.6])
+def test_crop_boxes_and_flips_are_random_resized_crops(min_crop_scale):
+    """The fast pipeline's crop box and flip are RandomResizedCrop.get_params (scale (--min_crop_scale, 1),
+    ratio 3/4..4/3) and RandomHorizontalFlip's draw (p 0.5) from the same torch RNG state."""
+    args = types.SimpleNamespace(input_size=224, min_crop_scale=min_crop_scale)
+    aug = datasets.UInt8AugmentationForBootMAE(args)
+    image = datasets.uint8_image(_pattern_image(500, 375))
+    flips, areas = [], []
+    for seed in range(200):
+        torch.manual_seed(seed)
+        box, flip = aug.draw(image)
+        torch.manual_seed(seed)
+        assert box == transforms.RandomResizedCrop.get_params(image, (min_crop_scale, 1.0), (3 / 4, 4 / 3))
+        assert flip == bool(torch.rand(1) < 0.5)
+        flips.append(flip)
+        areas.append(box[2] * box[3] / (500 * 375))
+    assert 70 < sum(flips) < 130
+    assert min_crop_scale - 0.01 <= min(areas) and max(areas) <= 1
+    assert max(areas) - min(areas) > 0.5 * (1 - min_crop_scale)
+
+
+def test_flips_are_drawn_per_image_as_in_pil(tmp_path):
+    """Whole-image crops (--min_crop_scale 1, square image) of one file: each item is the image or its mirror,
+    decided per item, and the fast pipeline mirrors exactly the items that the pil pipeline mirrors."""
+    os.makedirs(tmp_path / "train" / "a")
+    _pattern_image(256, 256).save(tmp_path / "train" / "a" / "x.jpg", quality=95)
+    args = _args(str(tmp_path), "--min_crop_scale", "1", "--input_size", "64", "--mask_num", "12",
+                 "--num_mask_patches", "8", "--min_mask_patches_per_block", "2", "--max_mask_patches_per_block", "6")
+    pil = datasets.build_pretraining_dataset(args)
+    fast = datasets.with_transform(pil, datasets.UInt8AugmentationForBootMAE(args), datasets.tensor_rgb_loader)
+    torch.manual_seed(0)
+    pil_items = [pil[0][0] for _ in range(48)]
+    torch.manual_seed(0)
+    fast_items = [fast[0][0] for _ in range(48)]
+    plain = fast_items[0]
+    mirrored = [not torch.equal(x, plain) for x in fast_items]
+    assert all(torch.equal(x, plain) or torch.equal(x, plain.flip(-1)) for x in fast_items)
+    assert 12 <= sum(mirrored) <= 36
+    for p, f in zip(pil_items, fast_items):
+        assert _levels(p, f, args).max() <= MAX_LEVELS
+
+
+def test_fast_loader_matches_pil_loader(folder):
+    """The two DataLoaders as run_pretraining.py builds them (2 workers, same seed): the same masks, the same
+    crops and flips (pixels within MAX_LEVELS / MEAN_LEVELS of 255), uint8 from the workers, float32 out."""
+    args = _args(folder, "--batch_size", "3", "--num_workers", "2")
+    device = torch.device("cpu")
+    batches = {}
+    for pipeline in ("pil", "fast"):
+        args.data_pipeline = pipeline
+        dataset = datasets.build_pretraining_dataset(args)
+        sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
+        loader = datasets.build_pretraining_loader(args, dataset, sampler, device)
+        torch.manual_seed(3)
+        batches[pipeline] = list(loader)
+        if pipeline == "fast":
+            images, _ = next(iter(loader.loader))
+            assert images.dtype == torch.uint8 and images.shape == (3, 3, 224, 224)
+            assert loader.loader.prefetch_factor == 4 and not loader.loader.persistent_workers
+    assert len(batches["pil"]) == len(batches["fast"]) == 2
+    std = torch.tensor(datasets.mean_std(args)[1])
+    for (xp, mp), (xf, mf) in zip(batches["pil"], batches["fast"]):
+        assert torch.equal(mp, mf)
+        assert xf.dtype == torch.float32 and xf.shape == xp.shape
+        levels = ((xp - xf) * std.view(1, 3, 1, 1) * 255).abs()
+        assert levels.max() <= MAX_LEVELS
+        assert levels.mean(dim=(1, 2, 3)).max() <= MEAN_LEVELS
+
+
+def test_unreadable_files_are_skipped_with_the_same_warning(folder, tmp_path):
+    root = str(tmp_path / "data")
+    shutil.copytree(folder, root)
+    pil = datasets.build_pretraining_dataset(_args(root))
+    truncated, garbage = pil.samples[1][0], pil.samples[3][0]
+    with open(truncated, "rb") as f:
+        data = f.read()
+    with open(truncated, "wb") as f:
+        f.write(data[:len(data) // 2])
+    with open(garbage, "wb") as f:
+        f.write(b"not an image" * 20)
+    args = _args(root)
+    pil = datasets.build_pretraining_dataset(args)
+    fast = datasets.with_transform(pil, datasets.UInt8AugmentationForBootMAE(args), datasets.tensor_rgb_loader)
+    messages = {}
+    for name, dataset in (("pil", pil), ("fast", fast)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.manual_seed(0)
+            items = [dataset[i] for i in (1, 2, 3, 4)]
+        messages[name] = [str(w.message) for w in caught if issubclass(w.category, datasets.CorruptImageWarning)]
+        torch.manual_seed(0)
+        replacements = [dataset[i] for i in (2, 2, 4, 4)]   # each bad file is replaced by the next image
+        for (x, _), (y, _) in zip(items, replacements):
+            assert torch.equal(x, y)
+    assert len(messages["fast"]) == 2 and messages["fast"] == messages["pil"]
+    assert truncated in messages["fast"][0] and "truncated" in messages["fast"][0]
+    assert garbage in messages["fast"][1] and messages["fast"][1].startswith("skipping unreadable image ")
+
+
+def test_unknown_pipeline_is_a_usage_error(folder):
+    args = _args(folder)
+    args.data_pipeline = "dali"
+    with pytest.raises(datasets.UsageError, match="--data_pipeline dali is not supported; choose one of pil, fast"):
+        datasets.build_pretraining_loader(args, datasets.build_pretraining_dataset(args), None, torch.device("cpu"))
