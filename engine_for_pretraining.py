@@ -389,13 +389,61 @@ def build_target_encoder(args, model, fixed_encoder=None):
     raise ValueError(f"unknown target encoder {kind!r}; choose one of {', '.join(TARGET_ENCODERS)}")
 
 
+# the epoch statistics measured with the host's clock (not reproduced by a resumed run, unlike the others)
+WALL_CLOCK_STATS = ("images_per_s", "data_wait")
+# a data-wait share above this is called out as an input-bound run
+INPUT_BOUND_WAIT = 0.1
+
+
+class LoaderClock:
+    """The host's wall time of an epoch and the part of it spent blocked in ``next(loader)`` (the start of the
+    loader's workers included), per print interval (``window``) and for the epoch (``total``). It reads only
+    the host clock, so a step gains no device sync; a window's figures are exact where the loop syncs (the
+    print intervals), and the epoch's after its final sync."""
+
+    def __init__(self):
+        self.start = self.window_start = time.perf_counter()
+        self.wait = self.window_wait = 0.0
+        self.images = self.window_images = 0
+
+    def batches(self, loader):
+        """The items of ``loader``; the seconds each one took to arrive count as waiting for data."""
+        t = time.perf_counter()
+        for item in loader:
+            waited = time.perf_counter() - t
+            self.wait += waited
+            self.window_wait += waited
+            n = len(item[0])
+            self.images += n
+            self.window_images += n
+            yield item
+            t = time.perf_counter()
+
+    @staticmethod
+    def _rates(images, wait, seconds):
+        # images/s of all processes (every rank loads the same batch size); the wait share is this process's
+        return images * utils.get_world_size() / max(seconds, 1e-9), min(wait / max(seconds, 1e-9), 1.0)
+
+    def window(self):
+        """(images/s, data-wait share) since the previous call, and a new window."""
+        now = time.perf_counter()
+        rates = self._rates(self.window_images, self.window_wait, now - self.window_start)
+        self.window_start, self.window_wait, self.window_images = now, 0.0, 0
+        return rates
+
+    def total(self):
+        """(images/s, data-wait share) of the whole epoch so far."""
+        return self._rates(self.images, self.wait, time.perf_counter() - self.start)
+
+
 def train_one_epoch(model, targets, data_loader, optimizer, loss_scaler, device, epoch,
                     lr_schedule, wd_schedule, args, log_writer=None, amp_dtype=None, target_fn=None):
     """One epoch. ``model`` may be DDP-wrapped; ``targets`` is a ``TargetEncoder`` (or a timm ``ModelEmaV3``
     of the unwrapped model, BootMAE's momentum encoder, or None: pixel loss only); ``target_fn`` (default: the
     EMA's ``target_features``) computes the feature targets of a ``ModelEmaV3``, e.g. a compiled version of it.
     ``lr_schedule``/``wd_schedule`` are per-step arrays indexed by the global optimisation step, so a resumed
-    run continues them exactly."""
+    run continues them exactly. Besides the losses, the statistics hold the epoch's ``images_per_s`` (all
+    processes) and ``data_wait`` (the share of the epoch this process spent waiting for the data loader)."""
     model.train()
     unwrapped = utils.unwrap_model(model)
     if isinstance(targets, ModelEmaV3):
@@ -420,9 +468,10 @@ def train_one_epoch(model, targets, data_loader, optimizer, loss_scaler, device,
     bad = torch.full((3,), -1.0, device=device)
     header = f"Epoch: [{epoch}]"
     start = time.time()
+    clock = LoaderClock()
     first_step_end = None
     optimizer.zero_grad(set_to_none=True)
-    for data_iter, (images, mask) in enumerate(data_loader):
+    for data_iter, (images, mask) in enumerate(clock.batches(data_loader)):
         step = data_iter // update_freq
         if step >= steps_per_epoch:
             break
@@ -475,6 +524,7 @@ def train_one_epoch(model, targets, data_loader, optimizer, loss_scaler, device,
                     f"non-finite loss at step {int(s)} (epoch {epoch}): pixel loss {p}, feature loss {f} "
                     f"(feature weight {feature_weight}); lower --lr, set --clip_grad, or use --amp bf16/none")
             means = logger.flush(it)
+            images_per_s, data_wait = clock.window()
             elapsed = time.time() - start
             eta = elapsed / (step + 1) * (steps_per_epoch - step - 1)
             lr = optimizer.param_groups[0]["lr"]
@@ -482,17 +532,28 @@ def train_one_epoch(model, targets, data_loader, optimizer, loss_scaler, device,
                 log_writer.add_scalar("opt/lr", lr, it)
                 log_writer.add_scalar("opt/feature_weight", feature_weight, it)
                 log_writer.add_scalar("opt/ema_momentum", momentum, it)
+                log_writer.add_scalar("perf/images_per_s", images_per_s, it)
+                log_writer.add_scalar("perf/data_wait", data_wait, it)
             utils.print0(f"{header} [{step + 1:>{len(str(steps_per_epoch))}}/{steps_per_epoch}] "
                          f"eta {utils.format_seconds(eta)}  lr {lr:.3e}  loss {means['loss']:.4f} "
                          f"(pixel {means['pixel_loss']:.4f}, feature {means['feature_loss']:.4f})  "
-                         f"grad_norm {means['grad_norm']:.3f}  {elapsed / (step + 1):.3f} s/step")
+                         f"grad_norm {means['grad_norm']:.3f}  {elapsed / (step + 1):.3f} s/step  "
+                         f"{images_per_s:.1f} img/s  data wait {100 * data_wait:.0f} %")
     stats = logger.epoch_means()   # waits for the device, so the clock covers every queued step
     end = time.time()
+    images_per_s, data_wait = clock.total()
+    if log_writer is not None:
+        log_writer.add_scalar("perf/epoch_images_per_s", images_per_s, epoch)
+        log_writer.add_scalar("perf/epoch_data_wait", data_wait, epoch)
+    utils.print0(f"{header} {images_per_s:.1f} images/s, {100 * data_wait:.0f} % of the time waiting for data"
+                 + (" (input-bound: raise --num_workers" + (" or use --data_pipeline fast)" if getattr(
+                     args, "data_pipeline", "pil") == "pil" else ")") if data_wait > INPUT_BOUND_WAIT else ""))
     if use_targets:
         targets.end_epoch(epoch, unwrapped)
     # seconds per optimisation step after the first (which also waits for the data loader to start)
     s_per_step = (end - first_step_end) / (steps_per_epoch - 1) if steps_per_epoch > 1 else end - start
     stats.update(lr=optimizer.param_groups[0]["lr"], feature_weight=feature_weight, ema_momentum=momentum,
                  steps=steps_per_epoch, pixel_weight=pixel_weight, s_per_step=s_per_step,
+                 images_per_s=images_per_s, data_wait=data_wait,
                  target_patches=target_patch_count(fraction, unwrapped.patch_embed.num_patches) if use_targets else 0)
     return stats

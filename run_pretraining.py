@@ -626,7 +626,7 @@ def main(args):
         stats = train_one_epoch(model_ddp, targets, loader, optimizer, loss_scaler, device, epoch,
                                 lr_schedule, wd_schedule, args, log_writer, amp_dtype)
         save_checkpoint(args, epoch, model, targets, optimizer, loss_scaler)
-        # wall-clock time stays out of log.txt, whose records a resumed run reproduces exactly
+        # log.txt's records are reproduced exactly by a resumed run, except the WALL_CLOCK_STATS (images/s, data wait)
         step_times.append(stats.pop("s_per_step"))
         if log_writer is not None:
             log_writer.add_scalar("perf/s_per_step", step_times[-1], epoch)

@@ -1,10 +1,11 @@
-"""The pretraining input pipelines: benchmarks/bench_loader.py and ``--data_pipeline fast`` against ``pil`` (same
-crop boxes, flips and masks from the same RNG state; pixels within a stated tolerance; unreadable files skipped
-with the same warning; pil unchanged)."""
+"""The pretraining input pipelines: benchmarks/bench_loader.py, the images/s and data-wait statistics of the
+training loop, and ``--data_pipeline fast`` against ``pil`` (same crop boxes, flips and masks from the same RNG
+state; pixels within a stated tolerance; unreadable files skipped with the same warning; pil unchanged)."""
 import importlib.util
 import json
 import os
 import shutil
+import time
 import types
 import warnings
 
@@ -79,6 +80,58 @@ def test_bench_loader_prints_one_json_line_per_configuration(jpeg_root, folder, 
     for r in lines:
         assert r["images_per_s"] > 0 and r["images_per_s_per_worker"] == r["images_per_s"] / max(r["workers"], 1)
         assert r["folder"] == folder and r["batch_size"] == 2 and len(r["load_average"]) == 3
+
+
+# ------------------------------------------------------------------------------------ the training statistics
+
+class SlowDataset(torch.utils.data.Dataset):
+    """A dataset whose items take ``seconds`` longer to load."""
+
+    def __init__(self, base, seconds):
+        self.base, self.seconds, self.transform = base, seconds, base.transform
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        time.sleep(self.seconds)
+        return self.base[index]
+
+
+def _log(out):
+    with open(os.path.join(out, "log.txt")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_log_reports_images_per_s_and_data_wait(tmp_path, monkeypatch, capsys):
+    flags = TINY + ["--data_set", "demo", "--demo_size", "16", "--batch_size", "8", "--epochs", "1",
+                    "--print_freq", "1", "--num_workers", "0"]
+    out = str(tmp_path / "run")
+    run_pretraining.main(run_pretraining.get_args_parser().parse_args(flags + ["--output_dir", out]))
+    console = capsys.readouterr().out
+    (record,) = _log(out)
+    assert record["train_images_per_s"] > 0 and 0 <= record["train_data_wait"] <= 1
+    assert "train_loss" in record and "train_s_per_step" not in record
+    intervals = [line for line in console.splitlines() if line.startswith("Epoch: [0] [")]
+    assert len(intervals) == 2 and all(" img/s  data wait " in line for line in intervals)
+    assert f"Epoch: [0] {record['train_images_per_s']:.1f} images/s, " \
+           f"{100 * record['train_data_wait']:.0f} % of the time waiting for data" in console
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(out)
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("perf/images_per_s")] == [0, 1]
+    assert all(0 <= e.value <= 1 for e in acc.Scalars("perf/data_wait"))
+    assert acc.Scalars("perf/epoch_data_wait")[0].value == pytest.approx(record["train_data_wait"])
+
+    # a loader that needs 0.05 s per image (0.4 s per batch) holds the step back, and the run says so
+    build = run_pretraining.build_pretraining_dataset
+    monkeypatch.setattr(run_pretraining, "build_pretraining_dataset", lambda args: SlowDataset(build(args), 0.05))
+    slow_out = str(tmp_path / "slow")
+    run_pretraining.main(run_pretraining.get_args_parser().parse_args(flags + ["--output_dir", slow_out]))
+    (slow,) = _log(slow_out)
+    assert slow["train_data_wait"] > 0.6 and slow["train_data_wait"] > record["train_data_wait"]
+    assert slow["train_images_per_s"] < 8 / 0.4   # at most one batch per 0.4 s
+    assert "waiting for data (input-bound: raise --num_workers or use --data_pipeline fast)" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------- pil vs fast
