@@ -155,7 +155,7 @@ def _common(files, out, *extra):
 
 def _env(threads=1):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    # DeepSpeed builds a small communication extension on first use (about 25 s); keep it beside the
+    # DeepSpeed builds a small communication extension on first use (about 55 s of compiler time); keep it beside the
     # virtual environment so later runs load it (the folder is ignored by git)
     if "TORCH_EXTENSIONS_DIR" not in env and os.access(sys.prefix, os.W_OK):
         env["TORCH_EXTENSIONS_DIR"] = os.path.join(sys.prefix, "torch_extensions")
