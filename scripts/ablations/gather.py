@@ -26,7 +26,8 @@ def describe_flags(flags):
     """Row flags with the named groups folded: 'BootMAE + `--target_fraction 0.25`'."""
     if flags is None:
         return "no pretraining"
-    rest, names = list(flags), []
+    rest = [f"<{'/'.join(tables.dependency(f))} checkpoint>" if tables.dependency(f) else f for f in flags]
+    names = []
     for name, group in GROUPS:
         group = list(group)
         for i in range(len(rest) - len(group) + 1):

@@ -4,7 +4,9 @@ Every row is ``run_pretraining.py <table base flags> <row flags>``: the base hol
 by the table (data, model size, schedule, optimiser), the row flags are the documented ablation flags
 (README "Ablations") that make the row what it is; argparse takes the last value of a repeated flag, so a row
 may override a base value (the pretraining epochs of Tables 1 and 9). ``None`` as flags means no pretraining
-(a freshly initialised encoder is evaluated).
+(a freshly initialised encoder is evaluated). A flag value ``checkpoint_of(table, row)`` stands for the
+checkpoint that another row's pretraining ends with (Tables 3 and 9 predict the features of Table 1's MAE-800);
+``run_table.py`` trains that row first when its checkpoint is missing.
 
 ``expect`` states what a row builds, independently of the flags, and ``tests/test_ablations.py`` checks every
 row against it: which decoders exist (``pixel``/``feature``), the encoder block each one cross-attends to
@@ -15,9 +17,25 @@ the momentum encoder and the pixel-only warm-up.
 ``published`` holds the paper's and the report's numbers (None where the source gives the number only in a
 figure that is not in its text).
 """
+import re
 from dataclasses import dataclass, field
 
-MAE_CHECKPOINT = "{mae_checkpoint}"   # placeholder: an MAE encoder for the fixed feature targets (run_table.py)
+_CHECKPOINT = re.compile(r"\{checkpoint:(\w+)/(\w+)\}")
+
+
+def checkpoint_of(table, row):
+    """A flag value that stands for the last checkpoint of row ``row`` of table ``table``'s pretraining."""
+    return f"{{checkpoint:{table}/{row}}}"
+
+
+def dependency(flag):
+    """(table, row) whose checkpoint ``flag`` stands for, or None for an ordinary flag."""
+    m = _CHECKPOINT.fullmatch(str(flag))
+    return m.groups() if m else None
+
+
+# the 800-epoch MAE ViT-B whose features are the fixed targets of Tables 3 and 9 (paper appendix B)
+MAE_CHECKPOINT = checkpoint_of("paper_t1", "mae_800")
 
 
 @dataclass(frozen=True)
@@ -59,19 +77,26 @@ CIFAR10_BASE = ("--model", "bootmae_tiny", "--input_size", "32", "--patch_size",
 
 # BootMAE as released (ViT-B recipe): the defaults plus the weighted mask and the dynamic momentum.
 BOOTMAE = ("--weight_mask", "--model_ema_dynamic")
-# MAE: pixel target only (no feature predictor, no momentum encoder), MAE's random masking, MAE's decoder
-# (8 blocks, width 512, 16 heads, no cross-attention).
+# MAE (run_pretraining.py's preset): pixel target only (no feature predictor, no momentum encoder), MAE's random
+# masking, MAE's decoder (8 blocks, width 512, 16 heads, no cross-attention), per-patch normalised pixels.
+MAE = ("--mae",)
 MAE_DECODER = ("--decoder_depth", "8", "--decoder_num_heads", "16")
-MAE = ("--feature_weight", "0", "--mask_type", "random", "--context", "none") + MAE_DECODER
 # MAE with its prediction target replaced by features (paper appendix B, report): no pixel regressor, a
 # feature predictor of MAE's decoder shape (width 512), no context injection, full feature weight throughout.
 MAE_FEATURE = ("--pixel_weight", "0", "--context", "none", "--feature_ramp", "0", "--feature_decoder_dim", "512") \
     + MAE_DECODER
 
+
+
+def _fixed(mask):
+    """MAE predicting the features of the fixed MAE-800 encoder, with masking ``mask``."""
+    return MAE_FEATURE + ("--target_encoder", "fixed", "--target_checkpoint", MAE_CHECKPOINT, "--mask_type", mask)
+
+
 _BOOT = dict(pixel=True, feature=True, pixel_context=0, feature_context=11, target="ema", mask="release",
              decoder=(2, 512))
 _MAE = dict(pixel=True, feature=False, pixel_context=None, feature_context=None, target=None, mask="random",
-            decoder=(8, 512, 16))
+            decoder=(8, 512, 16), pixel_norm="patch")
 
 
 def _boot(**kw):
@@ -118,16 +143,17 @@ PAPER_T3 = Table(
         Row("pixel_release", "pixel target, release-style masking (not in the paper)", MAE + ("--mask_type", "release"),
             {"fine-tune": None}, _mae(mask="release")),
         Row("feature_random", "feature target (fixed MAE encoder), random masking",
-            MAE_FEATURE + ("--target_encoder", "fixed", "--target_checkpoint", MAE_CHECKPOINT, "--mask_type", "random"),
+            _fixed("random"),
             {"fine-tune": 83.1}, _mae_feature("fixed")),
         Row("feature_block", "feature target (fixed MAE encoder), block-wise masking",
-            MAE_FEATURE + ("--target_encoder", "fixed", "--target_checkpoint", MAE_CHECKPOINT, "--mask_type", "block"),
+            _fixed("block"),
             {"fine-tune": 83.6}, _mae_feature("fixed", mask="block")),
         Row("feature_release", "feature target (fixed MAE encoder), release-style masking (not in the paper)",
-            MAE_FEATURE + ("--target_encoder", "fixed", "--target_checkpoint", MAE_CHECKPOINT, "--mask_type", "release"),
+            _fixed("release"),
             {"fine-tune": None}, _mae_feature("fixed", mask="release")),
     ), ("fine-tune",),
-    note="The feature target is the output of an 800-epoch MAE ViT-B (give it with --mae_checkpoint).")
+    note="The feature target is the output of Table 1's 800-epoch MAE ViT-B (trained first when missing; "
+         "--mae_checkpoint gives another).")
 
 PAPER_T4 = Table(
     "paper_t4", "Paper Table 4: (a) regressor and predictor depth, (b) regressor width", "imagenet", IMAGENET_BASE, (
@@ -154,8 +180,8 @@ PAPER_T5 = Table(
             {"fine-tune": 83.8, "iter time (s)": 0.479}, _boot(fraction=0.5)),
         Row("frac_75", "BootMAE, 75 % (all the masked patches)", BOOTMAE + ("--target_fraction", "0.75"),
             {"fine-tune": 83.9, "iter time (s)": 0.588}, _boot(fraction=0.75)),
-        Row("frac_100", "BootMAE, 100 % (the full image, default)", BOOTMAE, {"fine-tune": 84.0, "iter time (s)": 0.660},
-            _boot(fraction=1.0)),
+        Row("frac_100", "BootMAE, 100 % (the full image, default)", BOOTMAE,
+            {"fine-tune": 84.0, "iter time (s)": 0.660}, _boot(fraction=1.0)),
     ), ("fine-tune", "iter time (s)"),
     note="Paper: A100, batch 256 per GPU. Ours: the median s/step of the run (all processes' batches), and "
          "benchmarks/bench_pretrain.py --target_fraction F [--mae] for a clean figure.")
@@ -177,14 +203,14 @@ PAPER_T9 = Table(
         Row("pixel_800", "MAE, pixel target, 800 epochs", MAE + ("--epochs", "800"), {"fine-tune": 83.4}, _mae()),
         Row("pixel_1600", "MAE, pixel target, 1600 epochs", MAE + ("--epochs", "1600"), {"fine-tune": 83.6}, _mae()),
         Row("feature_300", "MAE, feature target, 300 epochs",
-            MAE_FEATURE + ("--target_encoder", "fixed", "--target_checkpoint", MAE_CHECKPOINT, "--mask_type", "block"),
+            _fixed("block"),
             {"fine-tune": 83.6}, _mae_feature("fixed", mask="block")),
         Row("feature_800", "MAE, feature target, 800 epochs",
-            MAE_FEATURE + ("--target_encoder", "fixed", "--target_checkpoint", MAE_CHECKPOINT, "--mask_type", "block",
-                           "--epochs", "800"),
+            _fixed("block") + ("--epochs", "800"),
             {"fine-tune": 83.8}, _mae_feature("fixed", mask="block")),
     ), ("fine-tune",),
-    note="Feature targets: an 800-epoch MAE ViT-B (--mae_checkpoint), block-wise masking (appendix B).")
+    note="Feature targets: Table 1's 800-epoch MAE ViT-B (--mae_checkpoint gives another), block-wise masking "
+         "(appendix B).")
 
 # ------------------------------------------------------------------------------------------------ report
 
@@ -234,8 +260,8 @@ REPORT_MAE_NEW = Table(
     "report_mae_new", "CIFAR-10 report: MAE-new (L = L_fast + 0.2 L_slow, fast = EMA-MAE, slow = MAE-5)", "cifar10",
     CIFAR10_BASE, (
         Row("mae_5", "MAE-5", _mae_k(5), {"fine-tune": None, "linear": None}, _mae_feature("k_epoch", k=5)),
-        Row("ema_mae", "MAE-5-0.005 (EMA-MAE, tau 0.005, WSE 5)", _ema_mae(0.005, 5), {"fine-tune": None, "linear": None},
-            _ema_expect(0.005, 5)),
+        Row("ema_mae", "MAE-5-0.005 (EMA-MAE, tau 0.005, WSE 5)", _ema_mae(0.005, 5),
+            {"fine-tune": None, "linear": None}, _ema_expect(0.005, 5)),
         Row("mae_new", "MAE-new (lambda 0.2)",
             ("--target_encoder", "mae_new", "--target_k", "5", "--target_tau", "0.005", "--slow_weight", "0.2",
              "--pixel_warmup_epochs", "5", "--mask_type", "random") + MAE_FEATURE,
@@ -248,11 +274,15 @@ TABLES = {t.key: t for t in (PAPER_T1, PAPER_T2, PAPER_T3, PAPER_T4, PAPER_T5, P
                              REPORT_MAE, REPORT_MAE_K, REPORT_EMA_MAE, REPORT_MAE_NEW)}
 
 
-def command_flags(table, row, mae_checkpoint=None):
-    """The run_pretraining.py flags of a row (base + row), the MAE checkpoint placeholder filled in."""
+def dependencies(row):
+    """The (table, row) pairs whose checkpoints the row's flags use."""
+    return [d for d in map(dependency, row.flags or ()) if d]
+
+
+def command_flags(table, row, checkpoint=None):
+    """The run_pretraining.py flags of a row (base + row). ``checkpoint(table_key, row_key)`` gives the path that
+    a ``checkpoint_of`` value stands for (without it the placeholders stay)."""
     flags = list(table.base) + list(row.flags)
-    if MAE_CHECKPOINT in flags:
-        if not mae_checkpoint:
-            raise ValueError(f"row {table.key}/{row.key} needs an MAE encoder checkpoint (--mae_checkpoint)")
-        flags = [mae_checkpoint if f == MAE_CHECKPOINT else f for f in flags]
-    return flags
+    if checkpoint is None:
+        return flags
+    return [checkpoint(*dependency(f)) if dependency(f) else f for f in flags]
