@@ -379,6 +379,8 @@ def build_pretraining_dataset(args):
     data_set = getattr(args, "data_set", "image_folder") or "image_folder"
     if data_set not in DATA_SETS:
         raise UsageError(f"--data_set {data_set} is not supported; choose one of {', '.join(DATA_SETS)}")
+    if getattr(args, "data_pipeline", "pil") == "gpu":
+        check_gpu_pipeline(args)
     transform = DataAugmentationForBootMAE(args)
     data_path = getattr(args, "data_path", None)
     if data_set == "image_folder":
@@ -401,10 +403,15 @@ def build_pretraining_dataset(args):
 # fast  the workers decode with torchvision.io (libjpeg-turbo; PIL for what it cannot read), crop, resize
 #       (bicubic, antialiased, torch's uint8 kernel) and flip in uint8 and return uint8 images; the training
 #       process copies the uint8 batch (a quarter of the bytes) to the device and normalises it there
-#       (DeviceBatches), as timm's prefetcher does. Crop box, flip and mask come from the same calls on the
-#       same worker RNGs as in pil, so for one seed both pipelines crop, flip and mask alike.
+#       (DeviceBatches), as timm's prefetcher does.
+# gpu   the workers read each JPEG's bytes and header only and draw its crop box, flip and mask
+#       (JpegAugmentationForBootMAE); the training process decodes the batch on the GPU (nvJPEG, through
+#       torchvision.io.decode_jpeg) and crops, resizes (bicubic, antialiased), flips and normalises it there
+#       (decode_and_transform).
+# In every pipeline crop box, flip and mask come from the same calls on the same worker RNGs, so for one seed
+# all of them crop, flip and mask alike (and a resumed run stays exact).
 
-DATA_PIPELINES = ("pil", "fast")
+DATA_PIPELINES = ("pil", "fast", "gpu")
 
 
 def tensor_rgb_loader(path):
@@ -440,8 +447,8 @@ def resized_crop(image, box, size, flip):
 
 
 def normalise_uint8(images, mean, std):
-    """uint8 images [B, 3, H, W] -> float32, normalised by ``mean``/``std`` (given for [0, 1] pixels), on the
-    images' device: (x - 255 mean) / (255 std), as timm's prefetcher does."""
+    """uint8 images [B, 3, H, W] (or float in 0..255) -> float32, normalised by ``mean``/``std`` (given for
+    [0, 1] pixels), on the images' device: (x - 255 mean) / (255 std), as timm's prefetcher does."""
     scale = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * 255
     shift = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, -1, 1, 1) * 255
     return (images.float() - shift) / scale
@@ -469,6 +476,69 @@ class UInt8AugmentationForBootMAE(DataAugmentationForBootMAE):
         return resized_crop(image, box, self.size, flip), self.draw_mask()
 
 
+def jpeg_bytes_loader(path):
+    """(the file's JPEG bytes as a uint8 tensor, (width, height)), checked without decoding the image: PIL
+    reads the header (a file that is no image raises), and a JPEG without an End-Of-Image marker after its
+    last Start-Of-Scan is truncated (raises OSError). Other formats and the JPEGs nvJPEG does not decode
+    (CMYK, ...) are decoded by PIL here and handed on re-encoded as RGB JPEG (quality 95, no chroma
+    subsampling)."""
+    import io
+    with Image.open(path) as img:
+        size, fmt, mode = img.size, img.format, img.mode
+    with open(path, "rb") as f:
+        data = f.read()
+    if fmt == "JPEG" and mode in ("RGB", "L"):
+        scan = data.rfind(b"\xff\xda")
+        if scan < 0 or data.rfind(b"\xff\xd9") < scan:
+            raise OSError("image file is truncated (no end-of-image marker after the last scan)")
+    else:
+        buffer = io.BytesIO()
+        pil_rgb_loader(path).save(buffer, format="JPEG", quality=95, subsampling=0)
+        data = buffer.getvalue()
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8), size
+
+
+class JpegAugmentationForBootMAE(UInt8AugmentationForBootMAE):
+    """The worker side of ``--data_pipeline gpu``: for an undecoded JPEG (``jpeg_bytes_loader``'s item) the
+    crop box, flip and mask of the pil pipeline's calls; items ``(bytes, box [4], flip, mask)``, collated by
+    ``collate_jpeg`` and decoded and transformed on the device by ``decode_and_transform``."""
+
+    def __call__(self, item):
+        data, (width, height) = item
+        box, flip = self.draw(torch.empty(1, 1, 1).expand(3, height, width))   # get_params reads the shape only
+        return data, torch.tensor(box), flip, self.draw_mask()
+
+
+def collate_jpeg(items):
+    """``JpegAugmentationForBootMAE`` items -> (list of byte tensors, boxes [B, 4], flips [B], masks [B, N])."""
+    datas, boxes, flips, masks = zip(*items)
+    return list(datas), torch.stack(boxes), torch.tensor(flips), torch.stack(masks)
+
+
+def decode_and_transform(datas, boxes, flips, size, mean, std, device):
+    """The device side of ``--data_pipeline gpu``: the JPEGs ``datas`` decoded on ``device`` (nvJPEG on CUDA,
+    libjpeg-turbo on the CPU), each cropped to its box, resized to ``size`` (bicubic, antialiased, in float32,
+    then clamped to 0..255 and rounded as the uint8 pipelines store pixels), flipped where ``flips`` says, and
+    normalised: float32 [B, 3, h, w] on ``device``."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    images = decode_jpeg(list(datas), mode=ImageReadMode.RGB, device=device)
+    out = torch.stack([resized_crop(x.float(), box, size, flip)
+                       for x, box, flip in zip(images, boxes.tolist(), flips.tolist())])
+    return normalise_uint8(out.clamp_(0, 255).round_(), mean, std)
+
+
+def check_gpu_pipeline(args):
+    """``--data_pipeline gpu`` needs JPEG files (an image folder) and a CUDA device; a one-line error otherwise."""
+    data_set = getattr(args, "data_set", "image_folder") or "image_folder"
+    if data_set != "image_folder":
+        raise UsageError(f"--data_pipeline gpu decodes the JPEG files of --data_set image_folder, not --data_set "
+                         f"{data_set}; use --data_pipeline pil (or fast)")
+    device = str(getattr(args, "device", "cpu"))
+    if not (device.startswith("cuda") and torch.cuda.is_available()):
+        raise UsageError(f"--data_pipeline gpu decodes on a CUDA device and this run has none (--device {device}); "
+                         f"use --data_pipeline pil")
+
+
 def with_transform(dataset, transform, loader=None):
     """A shallow copy of a pretraining dataset (``build_pretraining_dataset``) whose items go through
     ``transform`` (and, for an image folder, whose files are read by ``loader``); files, labels and the
@@ -486,26 +556,33 @@ def with_transform(dataset, transform, loader=None):
 
 
 class DeviceBatches:
-    """Batches of a uint8 DataLoader as the training loop takes them: images copied to ``device`` (non-blocking
-    from pinned memory) and normalised there (``normalise_uint8``); masks stay on the host, where the loop
+    """Batches of a ``fast`` or ``gpu`` DataLoader as the training loop takes them: float32 images on
+    ``device``, made there (uint8 batches copied non-blocking from pinned memory and normalised by
+    ``normalise_uint8``; JPEG batches by ``decode_and_transform``); masks stay on the host, where the loop
     reads the masked count without waiting for the device."""
 
-    def __init__(self, loader, device, mean, std):
-        self.loader, self.device, self.mean, self.std = loader, device, mean, std
+    def __init__(self, loader, device, mean, std, size, jpeg=False):
+        self.loader, self.device, self.mean, self.std, self.size, self.jpeg = loader, device, mean, std, size, jpeg
 
     def __len__(self):
         return len(self.loader)
 
     def __iter__(self):
-        for images, mask in self.loader:
-            yield normalise_uint8(images.to(self.device, non_blocking=True), self.mean, self.std), mask
+        for batch in self.loader:
+            if self.jpeg:
+                datas, boxes, flips, mask = batch
+                yield decode_and_transform(datas, boxes, flips, self.size, self.mean, self.std, self.device), mask
+            else:
+                images, mask = batch
+                yield normalise_uint8(images.to(self.device, non_blocking=True), self.mean, self.std), mask
 
 
 def build_pretraining_loader(args, dataset, sampler, device):
     """The pretraining DataLoader of ``args.data_pipeline`` over ``dataset`` (``build_pretraining_dataset``'s,
     whose pil items stay what other code reads): batches of ``args.batch_size`` (the last partial one dropped),
     ``args.num_workers`` workers, pinned memory on CUDA with ``args.pin_mem``. Workers are not persistent: every
-    epoch starts fresh workers seeded from the training loop's per-epoch seed, which keeps a resumed run exact."""
+    epoch starts fresh workers seeded from the training loop's per-epoch seed, which keeps a resumed run exact.
+    (``gpu`` decodes on ``device``; ``build_pretraining_dataset`` has refused it without CUDA.)"""
     pipeline = getattr(args, "data_pipeline", "pil") or "pil"
     if pipeline not in DATA_PIPELINES:
         raise UsageError(f"--data_pipeline {pipeline} is not supported; choose one of {', '.join(DATA_PIPELINES)}")
@@ -514,9 +591,15 @@ def build_pretraining_loader(args, dataset, sampler, device):
                   pin_memory=bool(args.pin_mem) and device.type == "cuda", persistent_workers=False)
     if pipeline == "pil":
         return torch.utils.data.DataLoader(dataset, **kwargs)
-    view = with_transform(dataset, UInt8AugmentationForBootMAE(args), loader=tensor_rgb_loader)
+    if pipeline == "gpu":
+        augmentation = JpegAugmentationForBootMAE(args)
+        view = with_transform(dataset, augmentation, loader=jpeg_bytes_loader)
+        kwargs["collate_fn"] = collate_jpeg
+    else:
+        augmentation = UInt8AugmentationForBootMAE(args)
+        view = with_transform(dataset, augmentation, loader=tensor_rgb_loader)
     loader = torch.utils.data.DataLoader(view, prefetch_factor=4 if workers else None, **kwargs)
-    return DeviceBatches(loader, device, *mean_std(args))
+    return DeviceBatches(loader, device, *mean_std(args), augmentation.size, jpeg=pipeline == "gpu")
 
 
 # ---------------------------------------------------------------------------------------------------------

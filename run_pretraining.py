@@ -169,8 +169,9 @@ def get_args_parser():
                    help="smallest area fraction of the random-resized crop (the release's --resize_scale 0.2)")
     p.add_argument("--data_pipeline", default="pil", choices=list(DATA_PIPELINES),
                    help="pil: workers decode, crop and normalise with PIL as the release; fast: workers decode with "
-                        "libjpeg-turbo and crop, resize and flip in uint8, normalised on the device (same crops, "
-                        "flips and masks; README 'Input pipeline')")
+                        "libjpeg-turbo and crop, resize and flip in uint8, normalised on the device; gpu: workers "
+                        "read the JPEG bytes, the GPU decodes (nvJPEG), crops, resizes, flips and normalises. Same "
+                        "crops, flips and masks in all three (README 'Input pipeline')")
     utils.add_loader_args(p)  # --demo_size --imagenet_default_mean_and_std --num_workers --[no_]pin_mem
 
     # run

@@ -8,9 +8,10 @@ the release's masks), reading an ImageFolder of ImageNet-like JPEGs (about 500x3
 once under ``--root`` from the photographs bundled with scikit-image (random crops, flips and rescales of
 them), so nothing is downloaded. A measurement iterates ``--warmup`` batches (workers starting, not timed),
 then times ``--batches`` batches, each delivered as the training loop takes it (``fast``: normalised on
-``--device``). Measurements of the configurations alternate, ``--repeats`` times, so that background load
-hits them alike; the median is reported. Prints a table line and one JSON line per configuration, with the
-load average of the machine at the end (on a shared machine, read the figures with it).
+``--device``; ``gpu``: decoded and transformed on ``--device cuda``). Measurements of the configurations
+alternate, ``--repeats`` times, so that background load hits them alike; the median is reported. Prints a table
+line and one JSON line per configuration, with the load average of the machine at the end (on a shared machine,
+read the figures with it).
 """
 import argparse
 import json
@@ -61,18 +62,18 @@ def image_folder(root, num_images, quality=90, seed=0):
     return folder
 
 
-def pretraining_args(folder, pipeline, workers, batch_size):
+def pretraining_args(folder, pipeline, workers, batch_size, device):
     """run_pretraining.py's arguments for the benchmarked loader (its defaults otherwise), checked as it does."""
     args = run_pretraining.get_args_parser().parse_args(
         ["--data_path", folder, "--data_pipeline", pipeline, "--num_workers", str(workers),
-         "--batch_size", str(batch_size)])
+         "--batch_size", str(batch_size), "--device", str(device)])
     run_pretraining.check_args(args)
     return args
 
 
 def measure(folder, pipeline, workers, args, device):
     """Seconds per timed batch of one loader of the configuration, warm-up excluded."""
-    recipe = pretraining_args(folder, pipeline, workers, args.batch_size)
+    recipe = pretraining_args(folder, pipeline, workers, args.batch_size, device)
     dataset = datasets.build_pretraining_dataset(recipe)
     total = (args.warmup + args.batches) * args.batch_size
     sampler = torch.utils.data.RandomSampler(dataset, num_samples=total,
@@ -103,7 +104,8 @@ def main(argv=None):
     p.add_argument("--warmup", default=2, type=int, help="batches before the clock starts")
     p.add_argument("--batches", default=6, type=int, help="timed batches per measurement")
     p.add_argument("--repeats", default=3, type=int, help="measurements per configuration (median reported)")
-    p.add_argument("--device", default="cpu", help="where the fast pipeline normalises (cuda: as in training)")
+    p.add_argument("--device", default="cpu",
+                   help="where fast normalises and gpu decodes (cuda: as in training; gpu needs it)")
     p.add_argument("--json", default=None, help="append the JSON lines to this file")
     args = p.parse_args(argv)
     if args.num_images < 1 or args.batch_size < 1 or args.batches < 1 or args.warmup < 0 or args.repeats < 1:
@@ -111,6 +113,11 @@ def main(argv=None):
     if min(args.workers) < 0:
         p.error("--workers must be 0 or more")
     device = torch.device(args.device)
+    if "gpu" in args.pipeline:
+        try:
+            datasets.check_gpu_pipeline(argparse.Namespace(data_set="image_folder", device=args.device))
+        except datasets.UsageError as e:
+            p.error(f"{e} (here: --pipeline pil fast, or --device cuda)")
     folder = image_folder(args.root, args.num_images)
     configs = [(pipeline, workers) for workers in args.workers for pipeline in args.pipeline]
     times = {c: [] for c in configs}

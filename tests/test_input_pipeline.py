@@ -203,31 +203,38 @@ def test_flips_are_drawn_per_image_as_in_pil(tmp_path):
         assert _levels(p, f, args).max() <= MAX_LEVELS
 
 
-def test_fast_loader_matches_pil_loader(folder):
-    """The two DataLoaders as run_pretraining.py builds them (2 workers, same seed): the same masks, the same
-    crops and flips (pixels within MAX_LEVELS / MEAN_LEVELS of 255), uint8 from the workers, float32 out."""
+def test_fast_and_gpu_loaders_match_pil_loader(folder):
+    """The DataLoaders as run_pretraining.py builds them (2 workers, same seed; gpu's decode-and-transform run on
+    CPU tensors): the same masks, the same crops and flips (pixels within MAX_LEVELS / MEAN_LEVELS of 255);
+    uint8 images (fast) or JPEG bytes with boxes and flips (gpu) from the workers, float32 images out."""
     args = _args(folder, "--batch_size", "3", "--num_workers", "2")
     device = torch.device("cpu")
     batches = {}
-    for pipeline in ("pil", "fast"):
+    for pipeline in ("pil", "fast", "gpu"):
+        dataset = datasets.build_pretraining_dataset(args)   # with pil (gpu would refuse a CUDA-less run)
         args.data_pipeline = pipeline
-        dataset = datasets.build_pretraining_dataset(args)
         sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
         loader = datasets.build_pretraining_loader(args, dataset, sampler, device)
         torch.manual_seed(3)
         batches[pipeline] = list(loader)
+        args.data_pipeline = "pil"
         if pipeline == "fast":
             images, _ = next(iter(loader.loader))
             assert images.dtype == torch.uint8 and images.shape == (3, 3, 224, 224)
             assert loader.loader.prefetch_factor == 4 and not loader.loader.persistent_workers
-    assert len(batches["pil"]) == len(batches["fast"]) == 2
+        if pipeline == "gpu":
+            datas, boxes, flips, _ = next(iter(loader.loader))
+            assert len(datas) == 3 and all(bytes(d[:2].tolist()) == b"\xff\xd8" for d in datas)
+            assert boxes.shape == (3, 4) and flips.dtype == torch.bool
     std = torch.tensor(datasets.mean_std(args)[1])
-    for (xp, mp), (xf, mf) in zip(batches["pil"], batches["fast"]):
-        assert torch.equal(mp, mf)
-        assert xf.dtype == torch.float32 and xf.shape == xp.shape
-        levels = ((xp - xf) * std.view(1, 3, 1, 1) * 255).abs()
-        assert levels.max() <= MAX_LEVELS
-        assert levels.mean(dim=(1, 2, 3)).max() <= MEAN_LEVELS
+    for pipeline in ("fast", "gpu"):
+        assert len(batches["pil"]) == len(batches[pipeline]) == 2
+        for (xp, mp), (x, m) in zip(batches["pil"], batches[pipeline]):
+            assert torch.equal(mp, m)
+            assert x.dtype == torch.float32 and x.shape == xp.shape
+            levels = ((xp - x) * std.view(1, 3, 1, 1) * 255).abs()
+            assert levels.max() <= MAX_LEVELS, pipeline
+            assert levels.mean(dim=(1, 2, 3)).max() <= MEAN_LEVELS, pipeline
 
 
 def test_unreadable_files_are_skipped_with_the_same_warning(folder, tmp_path):
@@ -244,8 +251,9 @@ def test_unreadable_files_are_skipped_with_the_same_warning(folder, tmp_path):
     args = _args(root)
     pil = datasets.build_pretraining_dataset(args)
     fast = datasets.with_transform(pil, datasets.UInt8AugmentationForBootMAE(args), datasets.tensor_rgb_loader)
+    gpu = datasets.with_transform(pil, datasets.JpegAugmentationForBootMAE(args), datasets.jpeg_bytes_loader)
     messages = {}
-    for name, dataset in (("pil", pil), ("fast", fast)):
+    for name, dataset in (("pil", pil), ("fast", fast), ("gpu", gpu)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.manual_seed(0)
@@ -253,15 +261,37 @@ def test_unreadable_files_are_skipped_with_the_same_warning(folder, tmp_path):
         messages[name] = [str(w.message) for w in caught if issubclass(w.category, datasets.CorruptImageWarning)]
         torch.manual_seed(0)
         replacements = [dataset[i] for i in (2, 2, 4, 4)]   # each bad file is replaced by the next image
-        for (x, _), (y, _) in zip(items, replacements):
-            assert torch.equal(x, y)
+        for x, y in zip(items, replacements):   # every part but the mask (whose stream runs on)
+            assert all(a == b if isinstance(a, bool) else torch.equal(a, b) for a, b in zip(x[:-1], y[:-1]))
     assert len(messages["fast"]) == 2 and messages["fast"] == messages["pil"]
     assert truncated in messages["fast"][0] and "truncated" in messages["fast"][0]
     assert garbage in messages["fast"][1] and messages["fast"][1].startswith("skipping unreadable image ")
+    # gpu finds a truncated JPEG without decoding it (no end-of-image marker); the rest of the line is the same
+    assert messages["gpu"][1] == messages["pil"][1]
+    assert messages["gpu"][0].startswith(f"skipping unreadable image {truncated} (OSError: image file is truncated")
+
+
+def test_gpu_pipeline_needs_cuda_and_jpeg_files(folder, tmp_path):
+    args = _args(folder, "--data_pipeline", "gpu", "--device", "cpu")
+    with pytest.raises(datasets.UsageError, match=r"^--data_pipeline gpu decodes on a CUDA device and this run has "
+                                                  r"none \(--device cpu\); use --data_pipeline pil$"):
+        datasets.build_pretraining_dataset(args)
+    args.data_set = "demo"
+    with pytest.raises(datasets.UsageError, match="not --data_set demo; use --data_pipeline pil"):
+        datasets.build_pretraining_dataset(args)
+    # a PNG (and any file nvJPEG cannot take) reaches the device re-encoded as a JPEG of the same picture
+    image = _pattern_image(64, 48)
+    image.save(tmp_path / "x.png")
+    data, size = datasets.jpeg_bytes_loader(str(tmp_path / "x.png"))
+    assert size == (64, 48) and bytes(data[:2].tolist()) == b"\xff\xd8"
+    decoded = datasets.decode_and_transform([data], torch.tensor([[0, 0, 48, 64]]), torch.tensor([False]), (48, 64),
+                                            (0, 0, 0), (1 / 255, 1 / 255, 1 / 255), "cpu")[0]
+    assert (decoded - datasets.uint8_image(image).float()).abs().mean() < 1.5   # JPEG at quality 95
 
 
 def test_unknown_pipeline_is_a_usage_error(folder):
     args = _args(folder)
     args.data_pipeline = "dali"
-    with pytest.raises(datasets.UsageError, match="--data_pipeline dali is not supported; choose one of pil, fast"):
+    with pytest.raises(datasets.UsageError, match="--data_pipeline dali is not supported; choose one of pil, fast, "
+                                                  "gpu"):
         datasets.build_pretraining_loader(args, datasets.build_pretraining_dataset(args), None, torch.device("cpu"))
