@@ -151,7 +151,7 @@ def export(checkpoint_path, output_path, model_key="model|module", input_size=No
     import timm
     from datasets import mean_std
     ckpt = utils.load_checkpoint(checkpoint_path)
-    saved_args = ckpt.get("args") if isinstance(ckpt, dict) else None
+    saved_args = utils.checkpoint_args(ckpt)   # a dict in our checkpoints, a Namespace in the release's
     # default: the size the encoder was trained at (our checkpoints record it), else 224
     input_size = input_size or getattr(saved_args, "input_size", None) or 224
     state, name, kwargs = to_timm(select_entry(ckpt, model_key), input_size)

@@ -128,8 +128,8 @@ def check_args(args):
 
 
 def inherit_from_checkpoint(args, ckpt_args, path):
-    """For --eval: the probe settings left unset are taken from the checkpoint's args."""
-    saved = vars(ckpt_args) if isinstance(ckpt_args, argparse.Namespace) else {}
+    """For --eval: the probe settings left unset are taken from the checkpoint's args (``utils.checkpoint_args``)."""
+    saved = vars(ckpt_args)
     for field in _PROBE_FIELDS:
         mine = getattr(args, field)
         if field in saved and (mine in (None, "") or (field == "model_key" and mine == "model|module")):
@@ -138,7 +138,7 @@ def inherit_from_checkpoint(args, ckpt_args, path):
 
 def check_matches_checkpoint(args, ckpt_args, path):
     """A head only fits the features it was trained on: refuse another model size, depth, pooling or patch."""
-    saved = vars(ckpt_args) if isinstance(ckpt_args, argparse.Namespace) else {}
+    saved = vars(ckpt_args)
     if "size" in saved and saved["size"] != args.size:
         raise utils.UsageError(f"{path} was trained on bootmae_{saved['size']}, not {args.model}; pass its --model")
     for field in ("depth", "global_pool", "patch_size"):
@@ -332,21 +332,24 @@ def load_head(model, ckpt, path):
 
 
 def save(args, name, model, optimizer, epoch, max_accuracy, test_stats):
+    """The head, its optimizer, epoch, best accuracy, test results and ``args`` (a plain dict), written
+    atomically (utils.save_on_master)."""
     if args.output_dir:
         utils.save_on_master({"model": head_state(model), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                              "args": args, "max_accuracy": max_accuracy, "test_stats": test_stats},
+                              "args": utils.args_dict(args), "max_accuracy": max_accuracy, "test_stats": test_stats},
                              os.path.join(args.output_dir, name))
+
+
+# the flags that define the lr schedule (with the total batch; --lr is the absolute lr, from --blr if unset)
+SCHEDULE_FLAGS = ("epochs", "warmup_epochs", "lr", "min_lr", "weight_decay")
 
 
 # ---------------------------------------------------------------------------------------------------------
 
 def main(args):
     check_args(args)
-    resume_path = args.resume
-    if not resume_path and args.auto_resume and not args.eval and args.output_dir:
-        resume_path = utils.find_last_checkpoint(args.output_dir) or ""
-    ckpt = utils.load_checkpoint(resume_path) if resume_path else None
-    ckpt_args = ckpt.get("args") if isinstance(ckpt, dict) else None
+    resume_path, ckpt = utils.load_resume_checkpoint(args.resume, args.output_dir, args.auto_resume and not args.eval)
+    ckpt_args = utils.checkpoint_args(ckpt)
     if ckpt is not None and args.eval:
         inherit_from_checkpoint(args, ckpt_args, resume_path)
         if not args.finetune or not os.path.isfile(args.finetune):
@@ -410,6 +413,8 @@ def main(args):
             max_accuracy = float(ckpt.get("max_accuracy", 0.0))
         utils.print0(f"resume: {resume_path} (epoch {ckpt.get('epoch')})" + ("" if args.eval else f", continuing at "
                                                                               f"epoch {start_epoch}"))
+        if not args.eval:
+            utils.warn_schedule_changes(args, ckpt, resume_path, SCHEDULE_FLAGS, accumulation="accum_iter")
 
     if args.eval:
         stats = evaluate(model, val_loader, device, amp_dtype, args.dist_eval)
@@ -418,6 +423,7 @@ def main(args):
         utils.print0("eval: " + json.dumps(stats))
         return stats
 
+    utils.remove_stale_temporaries(args.output_dir)
     head = model.head
     if args.distributed:
         head = DistributedDataParallel(model.head, device_ids=[args.gpu] if device.type == "cuda" else None)
@@ -439,15 +445,17 @@ def main(args):
         stats = evaluate(model, val_loader, device, amp_dtype, args.dist_eval)
         improved = stats["acc1"] > max_accuracy or epoch == 0
         max_accuracy = max(max_accuracy, stats["acc1"])
-        save(args, "checkpoint-last.pth", model, optimizer, epoch, max_accuracy, stats)
-        if improved:
-            save(args, "checkpoint-best.pth", model, optimizer, epoch, max_accuracy, stats)
         utils.print0(f"epoch {epoch}: train loss {train_stats['loss']:.4f}, test on {stats['n']} images: top-1 "
                      f"{stats['acc1']:.2f} %, top-5 {stats['acc5']:.2f} %, loss {stats['loss']:.4f} "
                      f"(best top-1 {max_accuracy:.2f} %)")
         utils.append_log(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
                                            **{f"test_{k}": v for k, v in stats.items()},
                                            "epoch": epoch, "max_accuracy": max_accuracy, "n_parameters": n_parameters})
+        # the record, then the checkpoints: a run killed before checkpoint-last.pth moves on repeats the epoch,
+        # and its first record replaces the one left behind (utils.append_log)
+        if improved:
+            save(args, "checkpoint-best.pth", model, optimizer, epoch, max_accuracy, stats)
+        save(args, "checkpoint-last.pth", model, optimizer, epoch, max_accuracy, stats)
         if log_writer is not None:
             for key in ("acc1", "acc5", "loss"):
                 log_writer.add_scalar(f"perf/test_{key}", stats[key], epoch)

@@ -274,18 +274,20 @@ def load_classifier(model, state_dict, path, what="model"):
 
 
 def find_resume(args):
-    path = args.resume
-    if not path and args.auto_resume and args.output_dir:
-        path = utils.find_last_checkpoint(args.output_dir)
-    if not path:
+    path, ckpt = utils.load_resume_checkpoint(args.resume, args.output_dir, args.auto_resume)
+    if ckpt is None:
         return None, None
-    ckpt = utils.load_checkpoint(path)
     if isinstance(ckpt, dict) and not isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("module"), dict):
         # the release's DeepSpeed runs saved the classifier as 'module' (mp_rank_00_model_states.pt)
         ckpt = {**ckpt, "model": ckpt["module"]}
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise utils.UsageError(f"{path} has no 'model' entry; give a fine-tuning checkpoint (checkpoint-*.pth)")
     return path, ckpt
+
+
+# the flags that define the lr and weight-decay schedules (with the total batch)
+SCHEDULE_FLAGS = ("epochs", "warmup_epochs", "warmup_steps", "lr", "min_lr", "warmup_lr", "weight_decay",
+                  "weight_decay_end")
 
 
 def _optimizer_state_fits(optimizer, state):
@@ -332,8 +334,9 @@ def deepspeed_fp32_state(engine):
 
 
 def save_checkpoints(args, epoch, model, optimizer, loss_scaler, model_ema, best, is_best, engine=None):
-    """checkpoint-last.pth every epoch, checkpoint-best.pth when the accuracy improved, checkpoint-<epoch>.pth
-    every --save_ckpt_freq epochs and at the end, each written atomically (utils.save_on_master).
+    """checkpoint-<epoch>.pth every --save_ckpt_freq epochs and at the end, checkpoint-best.pth when the accuracy
+    improved, then checkpoint-last.pth every epoch (last, so that a run killed before it repeats the whole
+    epoch), each written atomically (utils.save_on_master); ``args`` is stored as a plain dict.
 
     Plain runs store model, optimizer, scaler, model_ema, epoch, best accuracy and args. DeepSpeed runs
     first save the engine (ZeRO partitions, optimizer) under ``deepspeed/epoch-<epoch>/``, then the plain
@@ -341,10 +344,11 @@ def save_checkpoints(args, epoch, model, optimizer, loss_scaler, model_ema, best
     its DeepSpeed state is complete, so the file that resume reads always points at a whole checkpoint."""
     if not args.output_dir or not args.save_ckpt:
         return
-    names = ["checkpoint-last.pth"] + (["checkpoint-best.pth"] if is_best else [])
+    names = ["checkpoint-best.pth"] if is_best else []
     if args.save_ckpt_freq > 0 and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs):
-        names.append(f"checkpoint-{epoch}.pth")
-    ckpt = {"epoch": epoch, "max_accuracy": best["acc1"], "best_epoch": best["epoch"], "args": args}
+        names.insert(0, f"checkpoint-{epoch}.pth")
+    names.append("checkpoint-last.pth")
+    ckpt = {"epoch": epoch, "max_accuracy": best["acc1"], "best_epoch": best["epoch"], "args": utils.args_dict(args)}
     if engine is None:
         ckpt.update(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=loss_scaler.state_dict())
     else:
@@ -558,6 +562,8 @@ def main(args):
         else:
             utils.print0(f"resume: {resume_path} has no epoch number; its weights start epoch {start_epoch}")
         utils.print0(f"resume: continuing at epoch {start_epoch}")
+        utils.warn_schedule_changes(args, ckpt, resume_path, SCHEDULE_FLAGS)
+    utils.remove_stale_temporaries(args.output_dir)
 
     mixup_fn = None
     if mixup_active(args):
@@ -611,8 +617,10 @@ def main(args):
                     if model_ema is not None:
                         log_writer.add_scalar(f"perf/test_ema_{k}", record[f"test_ema_{k}"], epoch)
         record.update(max_accuracy=best["acc1"], n_parameters=n_parameters)
-        save_checkpoints(args, epoch, model_without_ddp, optimizer, loss_scaler, model_ema, best, is_best, engine)
+        # the epoch's record, then its checkpoints: a run killed before checkpoint-last.pth moves on repeats
+        # the epoch, and its first record replaces the one left behind (utils.append_log)
         utils.append_log(args.output_dir, record)
+        save_checkpoints(args, epoch, model_without_ddp, optimizer, loss_scaler, model_ema, best, is_best, engine)
         if log_writer is not None:
             log_writer.flush()
     if log_writer is not None:

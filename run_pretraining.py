@@ -378,13 +378,11 @@ def _check_shapes(model, state_dict, path, what):
 def resume(args, model, targets, optimizer, loss_scaler):
     """Loads model, target encoder (the momentum encoder's ``model_ema``, or ``target_encoder``), optimizer
     and scaler state; returns the epoch to start from. Accepts our checkpoints and the release's (its key
-    names are converted)."""
-    path = args.resume
-    if not path and args.auto_resume:
-        path = utils.find_last_checkpoint(args.output_dir)
-    if not path:
+    names are converted). Warns when the schedule-defining flags differ from the checkpoint's (``args.lr``
+    is the base lr here, as checkpoints store it)."""
+    path, ckpt = utils.load_resume_checkpoint(args.resume, args.output_dir, args.auto_resume)
+    if ckpt is None:
         return args.start_epoch
-    ckpt = utils.load_checkpoint(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise utils.UsageError(f"{path} has no 'model' entry; it is not a pretraining checkpoint")
     state = _model_state(ckpt["model"])
@@ -421,7 +419,12 @@ def resume(args, model, targets, optimizer, loss_scaler):
             loss_scaler.load_state_dict(ckpt["scaler"])
     start = int(ckpt.get("epoch", -1)) + 1
     utils.print0(f"resume: {path} ({'release' if release else 'our'} format), continuing at epoch {start}")
+    utils.warn_schedule_changes(args, ckpt, path, SCHEDULE_FLAGS)
     return start
+
+
+# the flags that define the lr and weight-decay schedules (with the total batch, which scales the lr)
+SCHEDULE_FLAGS = ("epochs", "warmup_epochs", "lr", "min_lr", "warmup_lr", "weight_decay", "weight_decay_end")
 
 
 def _optimizer_state_fits(optimizer, state):
@@ -439,19 +442,20 @@ def _optimizer_state_fits(optimizer, state):
 
 def save_checkpoint(args, epoch, model, targets, optimizer, loss_scaler):
     """The release's layout (model, model_ema, optimizer, scaler, epoch, args), written atomically:
-    checkpoint-last.pth every epoch and checkpoint-<epoch>.pth on ``keeps_numbered_checkpoint`` epochs.
-    The other target encoders go under ``target_encoder`` ({"kind", "state"}), so a resume is exact."""
+    checkpoint-<epoch>.pth on ``keeps_numbered_checkpoint`` epochs, then checkpoint-last.pth every epoch (last,
+    so that a run killed before it repeats the whole epoch). The other target encoders go under
+    ``target_encoder`` ({"kind", "state"}), so a resume is exact. ``args`` is stored as a plain dict."""
     if not args.output_dir:
         return
     ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": loss_scaler.state_dict(),
-            "epoch": epoch, "args": args}
+            "epoch": epoch, "args": utils.args_dict(args)}
     if targets is not None and targets.kind == "ema":
         ckpt["model_ema"] = targets.ema.module.state_dict()
     elif targets is not None:
         ckpt["target_encoder"] = {"kind": targets.kind, "state": targets.state_dict()}
-    utils.save_on_master(ckpt, os.path.join(args.output_dir, "checkpoint-last.pth"))
     if keeps_numbered_checkpoint(args, epoch):
         utils.save_on_master(ckpt, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
+    utils.save_on_master(ckpt, os.path.join(args.output_dir, "checkpoint-last.pth"))
 
 
 def keeps_numbered_checkpoint(args, epoch):
@@ -609,8 +613,9 @@ def main(args):
     wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
     wd_schedule = utils.cosine_scheduler(args.weight_decay, wd_end, args.epochs, steps_per_epoch)
 
-    start_epoch = resume(args, model, targets, optimizer, loss_scaler)
     args.lr = base_lr  # checkpoints store the base lr, as given on the command line
+    start_epoch = resume(args, model, targets, optimizer, loss_scaler)
+    utils.remove_stale_temporaries(args.output_dir)
 
     log_writer = None
     if utils.is_main_process() and args.output_dir:
@@ -626,7 +631,6 @@ def main(args):
         sampler.set_epoch(epoch)
         stats = train_one_epoch(model_ddp, targets, loader, optimizer, loss_scaler, device, epoch,
                                 lr_schedule, wd_schedule, args, log_writer, amp_dtype)
-        save_checkpoint(args, epoch, model, targets, optimizer, loss_scaler)
         # log.txt's records are reproduced exactly by a resumed run, except the WALL_CLOCK_STATS (images/s, data wait)
         step_times.append(stats.pop("s_per_step"))
         if log_writer is not None:
@@ -634,7 +638,10 @@ def main(args):
         record = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
         if knn_monitor is not None:
             record.update(knn_monitor(epoch, model, momentum_encoder, log_writer))
+        # the epoch's record, then its checkpoints: a run killed before checkpoint-last.pth moves on repeats
+        # the epoch, and its first record replaces the one left behind (utils.append_log)
         utils.append_log(args.output_dir, record)
+        save_checkpoint(args, epoch, model, targets, optimizer, loss_scaler)
         summary = (f"epoch {epoch} done: loss {stats['loss']:.4f} (pixel {stats['pixel_loss']:.4f}, feature "
                    f"{stats['feature_loss']:.4f}) averaged over {world} process(es)")
         if args.log_all_ranks:

@@ -1,6 +1,7 @@
 """Checkpoint files: atomic writes and safe loading."""
 import argparse
 import collections
+import errno
 import os
 
 import numpy as np
@@ -42,12 +43,12 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     before = open(path, "rb").read()
 
     def broken_save(obj, f, *a, **k):
-        with open(f, "wb") as fh:
-            fh.write(b"partial")
-        raise OSError("disk full")
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(utils.CheckpointWriteError, match=r"cannot write .*checkpoint-last.pth \(No space left on "
+                                                          r"device\); [0-9.]+ MiB free on "):
         utils.save_on_master({"epoch": 2}, path)
     assert open(path, "rb").read() == before  # the good checkpoint is untouched
     assert os.listdir(tmp_path) == ["checkpoint-last.pth"]  # and no partial file is left behind

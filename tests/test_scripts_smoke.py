@@ -339,7 +339,7 @@ def _run_script(script, out, **env):
     assert math.isfinite(log[0]["train_loss"])
     ckpt = utils.load_checkpoint(os.path.join(out, "checkpoint-last.pth"))
     assert ckpt["epoch"] == 0
-    return ckpt["args"], proc.stdout
+    return utils.checkpoint_args(ckpt), proc.stdout
 
 
 def _assert_recorded(script, recorded, **env_values):
