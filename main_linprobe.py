@@ -104,16 +104,26 @@ def get_args_parser():
 _PROBE_FIELDS = ("depth", "global_pool", "finetune", "model_key", "patch_size")
 
 
+# what each numeric flag may be (utils.check_flags)
+FLAG_RANGES = (
+    ("batch_size", ">= 1"), ("epochs", ">= 1"), ("accum_iter", ">= 1"), ("print_freq", ">= 1"),
+    ("input_size", ">= 1"), ("patch_size", ">= 1"), ("weight_decay", ">= 0"), ("lr", "> 0"),
+    ("blr", "> 0", "base lr: lr = blr x total batch / 256"), ("min_lr", ">= 0", "final lr of the cosine"),
+    ("warmup_epochs", ">= 0"), ("momentum", "[0, 1)", "LARS momentum; MAE's 0.9"), ("nb_classes", ">= 1"),
+    ("crop_pct", "(0, 1]", "a fraction of the image side"),
+)
+
+
 def check_args(args):
     """Refuse bad settings before anything is built or written; fills args.size and args.depth."""
+    utils.check_flags(args, FLAG_RANGES)
+    utils.check_run_args(args)
     args.size = parse_model_size(args.model)
     cfg = modeling_bootmae.MODEL_SIZES[args.size]
     patch = args.patch_size or cfg["patch_size"]
     if args.input_size % patch:
         raise utils.UsageError(f"--input_size {args.input_size} is not divisible by the patch size {patch}; "
                                f"use a multiple of {patch}")
-    if args.batch_size < 1 or args.accum_iter < 1 or args.epochs < 1:
-        raise utils.UsageError("--batch_size, --accum_iter and --epochs must be at least 1")
     if args.depth is not None and not 1 <= args.depth <= cfg["depth"]:
         raise utils.UsageError(f"--depth {args.depth} is outside the {cfg['depth']} blocks of {args.model}; "
                                f"choose 1..{cfg['depth']} (the paper: 10 for ViT-B, 18 for ViT-L)")
@@ -428,11 +438,10 @@ def main(args):
     if args.distributed:
         head = DistributedDataParallel(model.head, device_ids=[args.gpu] if device.type == "cuda" else None)
 
-    log_writer = None
-    if utils.is_main_process() and args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
-        from torch.utils.tensorboard import SummaryWriter
-        log_writer = SummaryWriter(log_dir=args.log_dir or args.output_dir)
+    # the output folder and the TensorBoard events file appear with the run's first record (LazySummaryWriter,
+    # utils.append_log, utils.save_on_master): a run that fails before it has anything to write leaves nothing
+    log_writer = (utils.LazySummaryWriter(args.log_dir or args.output_dir)
+                  if utils.is_main_process() and args.output_dir else None)
 
     utils.print0(f"training epochs {start_epoch}..{args.epochs - 1}")
     start_time = time.time()

@@ -145,7 +145,51 @@ def get_args_parser():
 # ---------------------------------------------------------------------------------------------------------
 # checks, before anything is built or written
 
+# what each numeric flag may be (utils.check_flags)
+FLAG_RANGES = (
+    ("batch_size", ">= 1"), ("epochs", ">= 1"), ("update_freq", ">= 1"), ("print_freq", ">= 1"),
+    ("input_size", ">= 1"), ("patch_size", ">= 1"), ("drop", "[0, 1)", "dropout rate"),
+    ("attn_drop_rate", "[0, 1)", "attention dropout rate"), ("drop_path", "[0, 1)", "stochastic depth rate"),
+    ("init_scale", ">= 0"), ("model_ema_decay", "[0, 1)", "EMA decay; the release's 0.9998"),
+    ("opt_eps", "> 0"), ("opt_betas", "[0, 1)"), ("clip_grad", "> 0", "a gradient norm; leave it out for no clipping"),
+    ("weight_decay", ">= 0"), ("weight_decay_end", ">= 0"), ("lr", "> 0"), ("layer_decay", "(0, 1]"),
+    ("backbone_decay", ">= 0"), ("warmup_lr", ">= 0"), ("min_lr", ">= 0", "final lr of the cosine"),
+    ("warmup_epochs", ">= 0"), ("color_jitter", ">= 0"), ("smoothing", "[0, 1)", "label smoothing"),
+    ("crop_pct", "(0, 1]", "a fraction of the image side"), ("reprob", "[0, 1]", "a probability"),
+    ("recount", ">= 1"), ("mixup", ">= 0", "alpha; 0 = off"), ("cutmix", ">= 0", "alpha; 0 = off"),
+    ("cutmix_minmax", "[0, 1]", "two area ratios"), ("mixup_prob", "[0, 1]", "a probability"),
+    ("mixup_switch_prob", "[0, 1]", "a probability"),
+)
+
+
+def check_augmentation(args):
+    """The training transform's names as timm reads them: --train_interpolation, --remode and --aa (the
+    transform is built once, without data; timm refuses an unknown policy there)."""
+    from timm.data.transforms import str_to_interp_mode
+    if args.train_interpolation != "random":
+        try:
+            str_to_interp_mode(args.train_interpolation)
+        except KeyError:
+            raise utils.UsageError(f"--train_interpolation {args.train_interpolation} is not an interpolation timm "
+                                   f"knows; use bicubic (the release's), bilinear, nearest or random") from None
+    if args.remode.lower() not in ("pixel", "rand", "const"):
+        raise utils.UsageError(f"--remode {args.remode} is not a random-erasing mode; use pixel (the release's), "
+                               f"rand or const")
+    try:
+        datasets.build_finetune_transform(args)
+    except (AssertionError, KeyError, ValueError, IndexError) as e:
+        raise utils.UsageError(f"--aa {args.aa} is not an auto-augment policy timm accepts "
+                               f"({utils.one_line_error(e) or type(e).__name__}); use e.g. rand-m9-mstd0.5-inc1 "
+                               f"(the release's), v0, original, augmix-m5 or none") from None
+
+
 def check_args(args):
+    utils.check_flags(args, FLAG_RANGES)
+    utils.check_run_args(args)
+    if args.cutmix_minmax is not None and (len(args.cutmix_minmax) != 2
+                                           or args.cutmix_minmax[0] >= args.cutmix_minmax[1]):
+        raise utils.UsageError(f"--cutmix_minmax {' '.join(map(str, args.cutmix_minmax))} must be two ratios, the "
+                               f"smaller first (e.g. 0.2 0.8)")
     args.data_set = DATA_SET_ALIASES.get(args.data_set, args.data_set)
     if args.model not in CLASSIFIERS:
         hint = f" (the classifier of {args.model} is {args.model}_patch16_224)" if args.model in (
@@ -159,8 +203,6 @@ def check_args(args):
     if args.rel_pos_bias:
         raise utils.UsageError("--rel_pos_bias is not supported: BootMAE's encoder uses fixed sin-cos absolute "
                                "positions only (the release's recipes pass --disable_rel_pos_bias)")
-    if args.batch_size < 1 or args.update_freq < 1 or args.epochs < 1:
-        raise utils.UsageError("--batch_size, --update_freq and --epochs must be at least 1")
     if args.save_ckpt_freq < 0:
         raise utils.UsageError(f"--save_ckpt_freq {args.save_ckpt_freq} is negative; give N > 0 to keep "
                                f"checkpoint-N.pth every N epochs, or 0 for checkpoint-last/-best.pth only")
@@ -177,6 +219,8 @@ def check_args(args):
         raise utils.UsageError("--enable_deepspeed needs DeepSpeed, which is not installed: run "
                                ".venv/bin/python -m pip install deepspeed, or drop the flag (DDP + autocast "
                                "trains the same recipe)")
+    if not args.eval:
+        check_augmentation(args)
     if args.crop_pct is None and args.input_size <= 32:
         # the release evaluates 32 px inputs (CIFAR) without resize and crop; Resize(32) + CenterCrop(32) of a
         # 32 px image is exactly that, and still gives 32 px for larger images
@@ -576,14 +620,14 @@ def main(args):
     else:
         criterion = torch.nn.CrossEntropyLoss()
 
-    log_writer = None
-    if utils.is_main_process() and args.output_dir:
+    # the output folder and the TensorBoard events file appear with the run's first record (LazySummaryWriter,
+    # utils.append_log, utils.save_on_master): a run that fails before it has anything to write leaves nothing
+    log_writer = (utils.LazySummaryWriter(args.log_dir or args.output_dir)
+                  if utils.is_main_process() and args.output_dir else None)
+    if log_writer is not None and engine is not None:
         os.makedirs(args.output_dir, exist_ok=True)
-        if engine is not None:
-            with open(os.path.join(args.output_dir, "deepspeed_config.json"), "w") as f:
-                json.dump(deepspeed_config(args, device, world), f, indent=2)
-        from torch.utils.tensorboard import SummaryWriter
-        log_writer = SummaryWriter(log_dir=args.log_dir or args.output_dir)
+        with open(os.path.join(args.output_dir, "deepspeed_config.json"), "w") as f:
+            json.dump(deepspeed_config(args, device, world), f, indent=2)
 
     utils.print0(f"training epochs {start_epoch}..{args.epochs - 1}")
     start_time = time.time()

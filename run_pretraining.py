@@ -181,8 +181,32 @@ def get_args_parser():
     return p
 
 
+# what each numeric flag may be (utils.check_flags); the ablation flags whose bounds depend on other flags are
+# checked in check_ablation_args
+FLAG_RANGES = (
+    ("batch_size", ">= 1"), ("epochs", ">= 1"), ("update_freq", ">= 1"), ("print_freq", ">= 1"),
+    ("input_size", ">= 1"), ("patch_size", ">= 1"), ("drop_path", "[0, 1)", "stochastic depth rate"),
+    ("decoder_depth", ">= 1"), ("pixel_weight", ">= 0"), ("feature_weight", ">= 0"),
+    ("feature_ramp", "[0, 1]", "a fraction of training"), ("slow_weight", ">= 0"), ("pixel_warmup_epochs", ">= 0"),
+    ("mask_num", ">= 1"), ("num_mask_patches", ">= 1"), ("min_mask_patches_per_block", ">= 1"),
+    ("max_mask_patches_per_block", ">= 1"), ("model_ema_decay", "[0, 1)", "EMA momentum; the release's 0.999"),
+    ("model_ema_warmup_epochs", ">= 0"), ("model_ema_dynamic_epochs", ">= 0"),
+    ("lr", "> 0", "base lr"), ("min_lr", ">= 0", "final lr of the cosine"), ("warmup_epochs", ">= 0"),
+    ("warmup_lr", ">= 0"), ("weight_decay", ">= 0"), ("weight_decay_end", ">= 0"),
+    ("clip_grad", "> 0", "a gradient norm; leave it out for no clipping"),
+    ("min_crop_scale", "(0, 1]", "an area fraction"), ("knn_batch_size", ">= 1"),
+)
+
+
 def check_args(args):
     """Refuse inconsistent settings before anything is built or written."""
+    utils.check_flags(args, FLAG_RANGES)
+    utils.check_run_args(args)
+    utils.check_output_path("--metrics_json", args.metrics_json, folder=False)
+    if args.mask_type != "random" and args.min_mask_patches_per_block > args.max_mask_patches_per_block:
+        raise utils.UsageError(f"--min_mask_patches_per_block {args.min_mask_patches_per_block} exceeds "
+                               f"--max_mask_patches_per_block {args.max_mask_patches_per_block}; lower the minimum "
+                               f"or raise the maximum (the release: 16 and 60)")
     try:
         model_cfg = modeling_bootmae.MODEL_SIZES[args.model.replace("bootmae_", "")]
     except KeyError:
@@ -207,8 +231,6 @@ def check_args(args):
         raise utils.UsageError("--no_model_ema leaves the feature loss without targets; drop it, or set "
                                "--feature_weight 0 for pixel targets only")
     check_ablation_args(args, args.encoder_depth or model_cfg["depth"], num_patches)
-    if args.batch_size < 1 or args.update_freq < 1 or args.epochs < 1:
-        raise utils.UsageError("--batch_size, --update_freq and --epochs must be at least 1")
     if args.save_ckpt_freq < 0:
         raise utils.UsageError(f"--save_ckpt_freq {args.save_ckpt_freq} is negative; give N > 0 to keep "
                                f"checkpoint-N.pth every N epochs, or 0 for checkpoint-last.pth only")
@@ -220,8 +242,6 @@ def check_args(args):
 def check_ablation_args(args, depth, num_patches):
     """Refuse flag combinations of the ablations that make no sense, one line each."""
     kind = args.target_encoder
-    if args.pixel_weight < 0 or args.feature_weight < 0:
-        raise utils.UsageError("--pixel_weight and --feature_weight must be >= 0")
     if args.pixel_weight == 0 and args.feature_weight == 0:
         raise utils.UsageError("--pixel_weight 0 and --feature_weight 0 leave nothing to learn; keep one of them")
     if args.feature_weight == 0:
@@ -263,13 +283,9 @@ def check_ablation_args(args, depth, num_patches):
         raise utils.UsageError(f"--target_k {args.target_k} must be at least 1 (epochs between target refreshes)")
     if not 0 < args.target_tau <= 1:
         raise utils.UsageError(f"--target_tau {args.target_tau} is outside (0, 1]; the report uses 0.005")
-    if args.slow_weight < 0:
-        raise utils.UsageError("--slow_weight must be >= 0")
     if not 0 <= args.pixel_warmup_epochs < args.epochs:
         raise utils.UsageError(f"--pixel_warmup_epochs {args.pixel_warmup_epochs} must be in 0..{args.epochs - 1} "
                                f"(--epochs {args.epochs}), or the feature loss never starts")
-    if args.feature_ramp < 0 or args.feature_ramp > 1:
-        raise utils.UsageError(f"--feature_ramp {args.feature_ramp} is outside [0, 1] (a fraction of training)")
     if kind != "ema" and not args.model_ema:
         raise utils.UsageError(f"--no_model_ema switches off BootMAE's momentum encoder, not --target_encoder {kind}; "
                                f"drop --no_model_ema")
@@ -617,11 +633,10 @@ def main(args):
     start_epoch = resume(args, model, targets, optimizer, loss_scaler)
     utils.remove_stale_temporaries(args.output_dir)
 
-    log_writer = None
-    if utils.is_main_process() and args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
-        from torch.utils.tensorboard import SummaryWriter
-        log_writer = SummaryWriter(log_dir=args.log_dir or args.output_dir)
+    # the output folder and the TensorBoard events file appear with the run's first record (LazySummaryWriter,
+    # utils.append_log, utils.save_on_master): a run that fails before it has anything to write leaves nothing
+    log_writer = (utils.LazySummaryWriter(args.log_dir or args.output_dir)
+                  if utils.is_main_process() and args.output_dir else None)
 
     utils.print0(f"training epochs {start_epoch}..{args.epochs - 1}")
     start_time = time.time()
@@ -675,11 +690,7 @@ def write_metrics(path, record, step_times, seconds, model):
 
 
 def cli():
-    def make_output_dir(args):
-        if args.output_dir:
-            os.makedirs(args.output_dir, exist_ok=True)
-
-    utils.run_cli("BootMAE pretraining", get_args_parser, main, (NonFiniteLossError,), before=make_output_dir)
+    utils.run_cli("BootMAE pretraining", get_args_parser, main, (NonFiniteLossError,))
 
 
 if __name__ == "__main__":

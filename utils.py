@@ -214,6 +214,22 @@ class StepLogger:
         return self._means(self.total)
 
 
+class LazySummaryWriter:
+    """TensorBoard's SummaryWriter for ``log_dir``, created (with the folder and its events file) by the first
+    record: a run that fails before it has anything to log (e.g. on its first batch) leaves no file behind."""
+
+    def __init__(self, log_dir):
+        self.log_dir, self._writer = log_dir, None
+
+    def __getattr__(self, name):
+        if self._writer is None:
+            if name in ("flush", "close"):
+                return lambda *args, **kwargs: None
+            from torch.utils.tensorboard import SummaryWriter
+            self._writer = SummaryWriter(log_dir=self.log_dir)
+        return getattr(self._writer, name)
+
+
 def append_log(output_dir, record):
     """Appends ``record`` to output_dir/log.txt as one JSON line (rank 0). log.txt holds one record per epoch:
     records of this epoch and later already there, which a run killed after writing them and before
@@ -221,6 +237,7 @@ def append_log(output_dir, record):
     if is_main_process() and output_dir:
         path = os.path.join(output_dir, "log.txt")
         try:
+            os.makedirs(output_dir, exist_ok=True)   # the run's first record creates the folder
             if isinstance(record.get("epoch"), int):
                 _drop_records_from(path, record["epoch"])
             with open(path, "a") as f:
@@ -300,6 +317,7 @@ def save_on_master(obj, path):
     try:
         # a Python file object: a failed write surfaces as the OSError itself (torch.save on a path name
         # reports it as an "enforce fail" RuntimeError without the reason)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)   # the run's first save creates the folder
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -472,15 +490,13 @@ def load_pretrained_encoder(model, path, model_key="model|module"):
     return loaded, missing, unused
 
 
-def run_cli(description, get_args_parser, main, errors=(), before=None):
+def run_cli(description, get_args_parser, main, errors=()):
     """The entry points' command line: parse, run ``main(args)``, and report user errors (UsageError and
     ``errors``) as one ``error: ...`` line with exit status 2, and a failed write (CheckpointWriteError) as one
     line with exit status 1; the process group is always torn down."""
     import sys
     args = argparse.ArgumentParser(description, parents=[get_args_parser()]).parse_args()
     try:
-        if before is not None:
-            before(args)
         main(args)
     except (UsageError, *errors) as e:
         print(f"error: {one_line_error(e)}", file=sys.stderr, flush=True)
@@ -516,6 +532,97 @@ def add_run_args(p, resume_help):
     p.add_argument("--start_epoch", default=0, type=int)
     p.add_argument("--local_rank", "--local-rank", default=-1, type=int,
                    help="set by torch.distributed.launch; LOCAL_RANK from the environment is what is used")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# flag checks: each entry point's check_args runs them before anything is built or created
+
+_BOUND = r"\s*(-?[0-9.e+-]+|inf)\s*"
+
+
+def check_range(flag, value, allowed, note=""):
+    """Raises UsageError unless ``value`` (a number, or a list of numbers for an nargs flag; None: not given,
+    accepted) is finite and within ``allowed``, written as the message shows it: ">= 0", "> 0", "[0, 1)",
+    "(0, 1]", ... The message names the flag, its value, what is allowed and ``note`` (what the flag means)."""
+    if value is None:
+        return
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    one_sided = re.fullmatch(r"(>=|>)" + _BOUND, allowed)
+    interval = re.fullmatch(r"([\[(])" + _BOUND + "," + _BOUND + r"([\])])", allowed)
+    if not (one_sided or interval):
+        raise ValueError(f"check_range: cannot read the range {allowed!r}")
+    left, low, high, right = ("[" if one_sided.group(1) == ">=" else "(", one_sided.group(2), "inf", ")") \
+        if one_sided else interval.groups()
+    low, high = float(low), float(high)
+
+    def inside(v):
+        return (v >= low if left == "[" else v > low) and (v <= high if right == "]" else v < high)
+
+    if all(math.isfinite(v) and inside(v) for v in values):
+        return
+    shown = " ".join(str(v) for v in values)
+    finite = "" if all(math.isfinite(v) for v in values) else "a finite number "
+    what = f"must be {finite}{allowed}" if one_sided else f"must be {finite}in {allowed}" if finite \
+        else f"is outside {allowed}" if len(values) == 1 else f"must each be in {allowed}"
+    raise UsageError(f"{flag} {shown} {what}" + (f" ({note})" if note else ""))
+
+
+def check_flags(args, ranges):
+    """``check_range`` for each (flag name, allowed range[, note]) of ``ranges`` that ``args`` has."""
+    for flag, allowed, *note in ranges:
+        if hasattr(args, flag):
+            check_range(f"--{flag}", getattr(args, flag), allowed, *note)
+
+
+def check_device(name):
+    """--device: a device torch can parse and this machine has."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name} is not a device name; use cpu or cuda (cuda:N for one GPU)") from None
+    if device.type == "cpu":
+        return
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available here (no GPU, or a PyTorch without CUDA); "
+                             f"use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+        return
+    backend = getattr(torch, device.type, None)
+    if not getattr(backend, "is_available", lambda: False)():
+        raise UsageError(f"--device {name}: {device.type} is not available here; use cpu or cuda")
+
+
+def check_output_path(flag, path, folder=True):
+    """A folder (``folder``) or file the run will create or write: refused when it exists as the other kind,
+    or when its nearest existing parent is a file or not writable. Creates nothing."""
+    if not path:
+        return
+    kind = "folder" if folder else "file"
+    if os.path.exists(path):
+        if os.path.isdir(path) != folder:
+            raise UsageError(f"{flag} {path} is a {'file' if folder else 'folder'}; give the path of a {kind} "
+                             f"(it is created if missing)")
+        if not os.access(path, os.W_OK | (os.X_OK if folder else 0)):
+            raise UsageError(f"{flag} {path} is not writable; give a {kind} you can write to")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path} cannot be created: {parent} is a file; give a path under a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path} cannot be created: {parent} is not writable; give a path you can write to")
+
+
+def check_run_args(args):
+    """The flags of ``add_loader_args`` and ``add_run_args``."""
+    check_flags(args, (("num_workers", ">= 0"), ("demo_size", ">= 1"), ("start_epoch", ">= 0")))
+    check_device(args.device)
+    check_output_path("--output_dir", args.output_dir)
+    check_output_path("--log_dir", args.log_dir)
 
 
 def resolve_amp(name, device):
