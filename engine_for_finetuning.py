@@ -6,23 +6,6 @@ import torch.nn as nn
 from timm.utils import accuracy
 
 import utils
-from engine_for_pretraining import NonFiniteLossError
-
-
-class ShardSampler(torch.utils.data.Sampler):
-    """Every ``world``-th index from ``rank``, in order, with no padding: the shards of all ranks together
-    hold each sample exactly once, so summed counts give the exact accuracy whatever the set's size
-    (``DistributedSampler`` pads with repeated samples, which changes the accuracy when the size is not a
-    multiple of the number of processes)."""
-
-    def __init__(self, dataset, rank, world):
-        self.indices = list(range(rank, len(dataset), world))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self):
-        return len(self.indices)
 
 
 def set_schedules(optimizer, lr, weight_decay):
@@ -53,7 +36,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, arg
     names = ["loss", "grad_norm"] + ([] if mixup_fn is not None else ["class_acc"])
     logger = utils.StepLogger(device, names, log_writer)
     # first non-finite step, kept on the device so that no step waits for a host sync
-    bad_step = torch.full((), -1.0, device=device)
+    bad_step = torch.full((1,), -1.0, device=device)
     header = f"Epoch: [{epoch}]"
     start = time.time()
     if not deepspeed_engine:
@@ -95,8 +78,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, arg
                 optimizer.zero_grad(set_to_none=True)
         if update and model_ema is not None:
             model_ema.update(unwrapped)
-        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()),
-                               torch.tensor(float(it), device=device), bad_step)
+        utils.mark_first_nonfinite(bad_step, loss, it)
         class_acc = None
         if mixup_fn is None:
             class_acc = (outputs.detach().argmax(-1) == targets).float().mean()
@@ -104,7 +86,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, arg
         last = data_iter + 1 == steps_per_epoch * update_freq
         if update and (step % args.print_freq == 0 or last):
             if bad_step.item() >= 0:
-                raise NonFiniteLossError(
+                raise utils.NonFiniteLossError(
                     f"non-finite loss at step {int(bad_step.item())} (epoch {epoch}); lower --lr, set "
                     f"--clip_grad, or use --amp bf16/none")
             means = logger.flush(it)
@@ -127,16 +109,19 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, arg
 
 
 @torch.no_grad()
-def evaluate(data_loader, model, device=None, amp_dtype=None, distributed=False):
-    """Top-1 / top-5 accuracy (in %) and mean cross-entropy over ``data_loader``.
+def evaluate(data_loader, model, device=None, amp_dtype=None, distributed=False, forward=None):
+    """Top-1 / top-5 accuracy (in %) and mean cross-entropy over ``data_loader`` (fine-tuning and linear
+    probing).
 
     Correct predictions are counted as integers (timm's ``accuracy`` per batch, times the batch size), so
     the result does not depend on how the set is split into batches or, with ``distributed`` (each rank
-    holds a ``ShardSampler`` shard), into processes: the counts are summed over ranks. The model runs on
-    its parameters' device and in their dtype (``device`` is accepted for the release's call signature),
-    under autocast when ``amp_dtype`` is set.
+    holds a ``utils.ShardSampler`` shard), into processes: the counts are summed over ranks. The model runs
+    on its parameters' device and in their dtype (``device`` is accepted for the release's call signature),
+    under autocast when ``amp_dtype`` is set. ``forward(images) -> logits`` replaces ``model(images)`` (the
+    linear probe runs its head outside the encoder's autocast).
     """
     model.eval()
+    forward = forward or model
     criterion = nn.CrossEntropyLoss(reduction="sum")
     # inputs follow the model: an EMA kept on the CPU (--model_ema_force_cpu) is evaluated there
     param = next(model.parameters())
@@ -145,9 +130,9 @@ def evaluate(data_loader, model, device=None, amp_dtype=None, distributed=False)
     totals = torch.zeros(4, dtype=torch.float64, device=device)
     for images, target in data_loader:
         images = images.to(device, non_blocking=True).to(input_dtype)
-        target = target.to(device, non_blocking=True)
+        target = torch.as_tensor(target).to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            output = model(images)
+            output = forward(images)
         output = output.float()
         acc1, acc5 = accuracy(output, target, topk=(1, 5))
         n = target.shape[0]

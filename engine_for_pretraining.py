@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 
 import utils
+from utils import NonFiniteLossError
 
 
 def patchify(images, patch_size):
@@ -180,10 +181,6 @@ def ema_momentum_at(epoch, start=0.999, dynamic=False, warmup_epochs=100, dynami
         frac = min((epoch - warmup_epochs) / max(dynamic_epochs - warmup_epochs, 1), 1.0)
         return 0.9999 + (0.99999 - 0.9999) * frac
     return 0.9999
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -40,11 +40,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+import engine_for_finetuning
 import modeling_bootmae  # noqa: F401  (registers the bootmae_* models with timm)
 import utils
 from datasets import build_dataset, build_eval_transform, mean_std
-from engine_for_pretraining import NonFiniteLossError
-from eval_knn import ShardSampler, parse_model_size
+from pretrained import load_pretrained_encoder, parse_model_size
 
 
 def get_args_parser():
@@ -216,7 +216,7 @@ def build_probe(args, nb_classes):
 def load_probe_encoder(model, path, model_key):
     """Encoder tensors from the pretrained checkpoint; blocks beyond --depth are left out. Refuses a
     checkpoint that does not fill every encoder tensor the probe uses (only fc_norm and head are new)."""
-    _, missing, _ = utils.load_pretrained_encoder(model, path, model_key)
+    _, missing, _ = load_pretrained_encoder(model, path, model_key)
     essential = [k for k in missing if not k.startswith(("fc_norm.", "head."))]
     if essential:
         raise utils.UsageError(f"{path} lacks {len(essential)} encoder tensors the probe needs (e.g. {essential[0]}); "
@@ -282,8 +282,8 @@ def train_one_epoch(model, head, loader, optimizer, device, epoch, args, amp_dty
         if (step + 1) % args.print_freq == 0 or step + 1 == n:
             means = logger.flush(epoch * n + step)
             if not math.isfinite(means["loss"]):
-                raise NonFiniteLossError(f"non-finite loss {means['loss']} in epoch {epoch} before step {step + 1}; "
-                                         f"lower --blr/--lr")
+                raise utils.NonFiniteLossError(f"non-finite loss {means['loss']} in epoch {epoch} before step "
+                                               f"{step + 1}; lower --blr/--lr")
             utils.print0(f"Epoch: [{epoch}] [{step + 1:>{len(str(n))}}/{n}]  lr {lr:.3e}  loss {means['loss']:.4f}  "
                          f"{(time.time() - start) / (step + 1):.2f} s/step")
             if log_writer is not None:
@@ -300,25 +300,13 @@ def sync_head_buffers(model):
             dist.broadcast(buf, 0)
 
 
-@torch.no_grad()
-def evaluate(model, loader, device, amp_dtype, sharded):
-    """Top-1/top-5 (%) and mean loss. ``sharded``: the loader holds this rank's ShardSampler shard and the
-    counts are summed over ranks (exact); otherwise every rank evaluates the whole set."""
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, count
-    for images, targets in loader:
-        images = images.to(device, non_blocking=True)
-        targets = torch.as_tensor(targets).to(device, non_blocking=True)
-        logits = model.head(features(model, images, amp_dtype))
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(targets[:, None])
-        sums += torch.stack([F.cross_entropy(logits, targets, reduction="sum").double(),
-                             top[:, 0].sum().double(), top.any(dim=1).sum().double(),
-                             torch.tensor(float(len(targets)), dtype=torch.float64, device=device)])
-    if sharded and utils.is_dist():
-        dist.all_reduce(sums)
-    loss, c1, c5, count = sums.tolist()
-    count = max(count, 1.0)
-    return {"acc1": 100.0 * c1 / count, "acc5": 100.0 * c5 / count, "loss": loss / count, "n": int(count)}
+def evaluate_probe(model, loader, amp_dtype, sharded):
+    """Top-1/top-5 (%), mean loss and image count ``n`` of the probe: ``engine_for_finetuning.evaluate`` with
+    the head outside the encoder's autocast. ``sharded``: the loader holds this rank's ``utils.ShardSampler``
+    shard and the counts are summed over ranks (exact); otherwise every rank evaluates the whole set."""
+    stats = engine_for_finetuning.evaluate(loader, model, distributed=sharded,
+                                           forward=lambda images: model.head(features(model, images, amp_dtype)))
+    return {"acc1": stats["acc1"], "acc5": stats["acc5"], "loss": stats["loss"], "n": stats["num_images"]}
 
 
 def head_state(model):
@@ -389,7 +377,7 @@ def main(args):
     pin = args.pin_mem and device.type == "cuda"
     train_loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=args.batch_size,
                                                num_workers=args.num_workers, pin_memory=pin, drop_last=True)
-    val_sampler = ShardSampler(val_set) if args.dist_eval else torch.utils.data.SequentialSampler(val_set)
+    val_sampler = utils.ShardSampler(val_set) if args.dist_eval else torch.utils.data.SequentialSampler(val_set)
     val_loader = torch.utils.data.DataLoader(val_set, sampler=val_sampler, batch_size=args.batch_size,
                                              num_workers=args.num_workers, pin_memory=pin, drop_last=False)
     if not args.eval and len(train_loader) == 0:
@@ -427,7 +415,7 @@ def main(args):
             utils.warn_schedule_changes(args, ckpt, resume_path, SCHEDULE_FLAGS, accumulation="accum_iter")
 
     if args.eval:
-        stats = evaluate(model, val_loader, device, amp_dtype, args.dist_eval)
+        stats = evaluate_probe(model, val_loader, amp_dtype, args.dist_eval)
         utils.print0(f"Accuracy of the network on the {stats['n']} test images: top-1 {stats['acc1']:.2f} %, "
                      f"top-5 {stats['acc5']:.2f} %")
         utils.print0("eval: " + json.dumps(stats))
@@ -451,7 +439,7 @@ def main(args):
         sampler.set_epoch(epoch)
         train_stats = train_one_epoch(model, head, train_loader, optimizer, device, epoch, args, amp_dtype, log_writer)
         sync_head_buffers(model)
-        stats = evaluate(model, val_loader, device, amp_dtype, args.dist_eval)
+        stats = evaluate_probe(model, val_loader, amp_dtype, args.dist_eval)
         improved = stats["acc1"] > max_accuracy or epoch == 0
         max_accuracy = max(max_accuracy, stats["acc1"])
         utils.print0(f"epoch {epoch}: train loss {train_stats['loss']:.4f}, test on {stats['n']} images: top-1 "
@@ -476,7 +464,7 @@ def main(args):
 
 
 def cli():
-    utils.run_cli("BootMAE linear probing", get_args_parser, main, (NonFiniteLossError,))
+    utils.run_cli("BootMAE linear probing", get_args_parser, main)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def param_groups(model, weight_decay, skip_list=(), layer_id_fn=None, layer_deca
     return list(groups.values())
 
 
-def layer_decay_param_groups(model, weight_decay, layer_decay, backbone_decay=1.0, skip_list=None):
+def finetune_param_groups(model, weight_decay, layer_decay, backbone_decay=1.0, skip_list=None):
     """Fine-tuning groups of a ``VisionTransformerForClassification``: the release's weight-decay split and
     BEiT's layer-wise lr decay, layer ids from ``modeling_bootmae.encoder_layer_id`` (0: patch embedding and
     cls token, b + 1: block b, L + 1: fc_norm/norm and head). ``lr_scale`` is

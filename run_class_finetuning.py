@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import time
 
 import torch
@@ -29,9 +28,9 @@ from torch.nn.parallel import DistributedDataParallel
 import datasets
 import modeling_bootmae
 import utils
-from engine_for_finetuning import ShardSampler, evaluate, train_one_epoch
-from engine_for_pretraining import NonFiniteLossError
-from optim_factory import adamw, layer_decay_param_groups
+from engine_for_finetuning import evaluate, train_one_epoch
+from optim_factory import adamw, finetune_param_groups
+from pretrained import load_pretrained_encoder
 
 # the classifiers registered by modeling_bootmae, by size
 CLASSIFIERS = {f"bootmae_{size}_patch{cfg['patch_size']}_224": size for size, cfg in modeling_bootmae.MODEL_SIZES.items()}
@@ -274,7 +273,7 @@ def build_loaders(args, device):
             raise utils.UsageError(f"{len(train_set)} training images over {world} process(es) give no full step of "
                                    f"--batch_size {args.batch_size} x --update_freq {args.update_freq}; lower them")
     if val_set is not None:
-        sampler = ShardSampler(val_set, rank, world) if args.dist_eval else torch.utils.data.SequentialSampler(val_set)
+        sampler = utils.ShardSampler(val_set) if args.dist_eval else torch.utils.data.SequentialSampler(val_set)
         val_loader = torch.utils.data.DataLoader(val_set, sampler=sampler, batch_size=args.batch_size,
                                                  num_workers=args.num_workers, pin_memory=pin, drop_last=False)
     return train_set, train_loader, val_set, val_loader
@@ -334,25 +333,12 @@ SCHEDULE_FLAGS = ("epochs", "warmup_epochs", "warmup_steps", "lr", "min_lr", "wa
                   "weight_decay_end")
 
 
-def _optimizer_state_fits(optimizer, state):
-    groups = state.get("param_groups", [])
-    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
-        return False
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    ids = [i for g in groups for i in g["params"]]
-    for pid, p in zip(ids, params):
-        s = state.get("state", {}).get(pid, {})
-        if "exp_avg" in s and s["exp_avg"].shape != p.shape:
-            return False
-    return True
-
-
 def load_optimizer_state(optimizer, ckpt, path):
     if "optimizer" not in ckpt:
         utils.print0(f"resume: {path} has no optimizer state (a DeepSpeed run's plain file, or weights only); "
                      f"AdamW moments restart")
         return
-    if not _optimizer_state_fits(optimizer, ckpt["optimizer"]):
+    if not utils.optimizer_state_fits(optimizer, ckpt["optimizer"]):
         utils.print0(f"resume: the optimizer state in {path} does not match this model's parameter groups; AdamW "
                      f"moments restart")
         return
@@ -426,12 +412,6 @@ def prune_deepspeed_tags(output_dir, keep_epochs):
 # ---------------------------------------------------------------------------------------------------------
 # DeepSpeed
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def single_process_env():
     """DeepSpeed needs a process group; run without a launcher it would look for MPI. One process started
     directly gets the environment of a one-process torchrun instead (left alone under torchrun / srun)."""
@@ -440,7 +420,7 @@ def single_process_env():
         return
     env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", str(_free_port()))
+    env.setdefault("MASTER_PORT", str(utils.free_port()))
 
 
 def deepspeed_config(args, device, world):
@@ -509,7 +489,7 @@ def main(args):
         utils.print0(f"resume: model weights from {resume_path}"
                      + (" (--finetune is not loaded when resuming)" if args.finetune else ""))
     elif args.finetune:
-        utils.load_pretrained_encoder(model, args.finetune, args.model_key)
+        load_pretrained_encoder(model, args.finetune, args.model_key)
     elif not args.eval:
         utils.print0("note: no --finetune checkpoint; the encoder starts from random weights")
     model.to(device)
@@ -541,7 +521,7 @@ def main(args):
     # optimisation
     steps_per_epoch = len(train_loader) // args.update_freq
     total_batch = args.batch_size * args.update_freq * world
-    groups = layer_decay_param_groups(model, args.weight_decay, args.layer_decay, args.backbone_decay)
+    groups = finetune_param_groups(model, args.weight_decay, args.layer_decay, args.backbone_decay)
     scales = sorted({(g["layer_id"], g["lr_scale"]) for g in groups})
     utils.print0(f"lr {args.lr:.3e} (absolute, total batch {total_batch}; the release's fine-tuning does not scale "
                  f"it by the batch), {steps_per_epoch} steps per epoch; layer decay {args.layer_decay}: lr scale "
@@ -674,7 +654,7 @@ def main(args):
 
 
 def cli():
-    utils.run_cli("BootMAE fine-tuning", get_args_parser, main, (NonFiniteLossError,))
+    utils.run_cli("BootMAE fine-tuning", get_args_parser, main)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,11 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from timm.models import create_model
 
-import eval_knn
+import knn
 import modeling_bootmae  # noqa: F401  (registers the bootmae_* models with timm)
 import utils
 from datasets import DATA_PIPELINES, build_pretraining_dataset, build_pretraining_loader, mean_std
-from engine_for_pretraining import (PIXEL_NORMS, TARGET_ENCODERS, NonFiniteLossError, build_target_encoder,
+from engine_for_pretraining import (PIXEL_NORMS, TARGET_ENCODERS, build_target_encoder,
                                     normalized_pixel_target, patchify, pixels_of_prediction, target_patch_count,
                                     train_one_epoch, unpatchify)
 from modeling_bootmae import from_release_state_dict, is_release_state_dict
@@ -177,7 +177,7 @@ def get_args_parser():
     # run
     utils.add_run_args(p, "checkpoint to resume from (ours or the release's)")
     p.add_argument("--log_all_ranks", action="store_true", help="every rank prints its epoch summary")
-    eval_knn.add_knn_args(p)  # --knn_freq, --knn_data_set, --knn_data_path, --knn_k, --knn_temperature, ...
+    knn.add_knn_args(p)  # --knn_freq, --knn_data_set, --knn_data_path, --knn_k, --knn_temperature, ...
     return p
 
 
@@ -426,7 +426,7 @@ def resume(args, model, targets, optimizer, loss_scaler):
         else:
             targets.load_state_dict(saved["state"])
     if "optimizer" in ckpt and "epoch" in ckpt:
-        if _optimizer_state_fits(optimizer, ckpt["optimizer"]):
+        if utils.optimizer_state_fits(optimizer, ckpt["optimizer"]):
             optimizer.load_state_dict(ckpt["optimizer"])
         else:
             utils.print0(f"resume: optimizer state in {path} does not match this model's parameter groups "
@@ -441,19 +441,6 @@ def resume(args, model, targets, optimizer, loss_scaler):
 
 # the flags that define the lr and weight-decay schedules (with the total batch, which scales the lr)
 SCHEDULE_FLAGS = ("epochs", "warmup_epochs", "lr", "min_lr", "warmup_lr", "weight_decay", "weight_decay_end")
-
-
-def _optimizer_state_fits(optimizer, state):
-    groups = state.get("param_groups", [])
-    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
-        return False
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    ids = [i for g in groups for i in g["params"]]
-    for pid, p in zip(ids, params):
-        s = state.get("state", {}).get(pid, {})
-        if "exp_avg" in s and s["exp_avg"].shape != p.shape:
-            return False
-    return True
 
 
 def save_checkpoint(args, epoch, model, targets, optimizer, loss_scaler):
@@ -589,7 +576,7 @@ def main(args):
     model = build_model(args)
     model.to(device)
     utils.print0(f"model: {args.model}, {modeling_bootmae.count_trainable(model):,} trainable parameters")
-    knn_monitor = eval_knn.KnnMonitor.from_args(args, device, amp_dtype)  # None unless --knn_freq
+    knn_monitor = knn.KnnMonitor.from_args(args, device, amp_dtype)  # None unless --knn_freq
 
     model_ddp = model
     if args.distributed:
@@ -690,7 +677,7 @@ def write_metrics(path, record, step_times, seconds, model):
 
 
 def cli():
-    utils.run_cli("BootMAE pretraining", get_args_parser, main, (NonFiniteLossError,))
+    utils.run_cli("BootMAE pretraining", get_args_parser, main)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,11 @@ class UsageError(Exception):
     """Bad input from the user: the entry points print the message as one line and exit with status 2."""
 
 
+class NonFiniteLossError(RuntimeError):
+    """A training loss became NaN or infinite (too high an lr, no clipping, fp16 overflow): the entry points
+    print the message, which names the step and what to change, as one line and exit with status 2."""
+
+
 def one_line_error(exc):
     """The message of ``exc`` as one line. An exception raised inside a DataLoader worker reaches the main
     process re-raised by torch as the same type, with the worker's traceback folded into the message
@@ -29,6 +34,16 @@ def one_line_error(exc):
         name = type(exc).__name__ + ": "
         text = last[last.find(name) + len(name):] if name in last else last
     return " ".join(text.split())
+
+
+def mark_first_nonfinite(record, loss, step, *values):
+    """``record``: a device tensor [1 + len(values)] whose first entry is -1 until a step's ``loss`` is NaN or
+    infinite; that first step's number and ``values`` (e.g. the loss terms) are then written into it. No host
+    sync: the training loop reads it (``record[0] >= 0``) at its print interval and raises NonFiniteLossError."""
+    first = (record[0] < 0) & ~torch.isfinite(loss.detach())
+    now = torch.stack([torch.tensor(float(step), device=record.device, dtype=record.dtype),
+                       *(torch.as_tensor(v).detach().to(record) for v in values)])
+    record.copy_(torch.where(first, now, record))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -55,7 +70,8 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-def _free_port():
+def free_port():
+    """A TCP port on 127.0.0.1 that is free now (for a one-process group's MASTER_PORT)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -94,6 +110,24 @@ def init_distributed_mode(args):
                             timeout=datetime.timedelta(minutes=getattr(args, "dist_timeout", 30)))
     dist.barrier()
     print0(f"distributed: {args.world_size} processes, backend {backend}")
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Indices rank, rank + world, rank + 2 world, ... in order, with no padding: the shards of all ranks
+    together hold each item exactly once, so summed counts give the exact accuracy whatever the set's size
+    (``DistributedSampler`` pads with repeated items, which would count twice). ``num_replicas`` and
+    ``rank`` default to this process's."""
+
+    def __init__(self, dataset, num_replicas=None, rank=None):
+        self.num_items = len(dataset)
+        self.world = get_world_size() if num_replicas is None else num_replicas
+        self.rank = get_rank() if rank is None else rank
+
+    def __iter__(self):
+        return iter(range(self.rank, self.num_items, self.world))
+
+    def __len__(self):
+        return len(range(self.rank, self.num_items, self.world))
 
 
 def all_reduce_mean(tensor):
@@ -415,6 +449,21 @@ def load_resume_checkpoint(resume, output_dir, auto_resume=True):
     return "", None
 
 
+def optimizer_state_fits(optimizer, state):
+    """Whether a saved optimizer ``state`` (``state_dict()``) has ``optimizer``'s group sizes and, where it
+    holds AdamW moments, their shapes: a checkpoint of another model or grouping fails and is not loaded."""
+    groups = state.get("param_groups", [])
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
+        return False
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    ids = [i for g in groups for i in g["params"]]
+    for pid, p in zip(ids, params):
+        s = state.get("state", {}).get(pid, {})
+        if "exp_avg" in s and s["exp_avg"].shape != p.shape:
+            return False
+    return True
+
+
 def args_dict(args):
     """``args`` as a dict of plain values (str, int, float, bool, None, lists and tuples of them): checkpoints
     store it so, and ``torch.load(path)`` with PyTorch's default ``weights_only=True`` opens them."""
@@ -469,36 +518,15 @@ def warn_schedule_changes(args, ckpt, path, fields, accumulation="update_freq"):
     return changes
 
 
-def load_pretrained_encoder(model, path, model_key="model|module"):
-    """Loads the encoder of a checkpoint (ours or the release's; pretraining or fine-tuning) into ``model``
-    and prints exactly what was transferred. Returns (loaded, not_in_checkpoint, unused) key lists.
-
-    Bad input (missing file, unreadable file, no encoder tensors, another model size) raises UsageError.
-    """
-    import modeling_bootmae
-    checkpoint = load_checkpoint(path)
-    try:
-        state = modeling_bootmae.encoder_state_dict(checkpoint, model_key)
-        loaded, missing, unused = modeling_bootmae.load_encoder(model, state)
-    except ValueError as e:
-        raise UsageError(f"{path}: {e}") from e
-    print0(f"loaded {len(loaded)} encoder tensors from {path} (entry '{model_key}')")
-    print0(f"  newly initialised (not in the checkpoint): {', '.join(missing) or 'none'}")
-    if unused:
-        shown = ", ".join(unused[:8]) + (f", ... ({len(unused) - 8} more)" if len(unused) > 8 else "")
-        print0(f"  in the checkpoint but not used ({len(unused)}): {shown}")
-    return loaded, missing, unused
-
-
-def run_cli(description, get_args_parser, main, errors=()):
-    """The entry points' command line: parse, run ``main(args)``, and report user errors (UsageError and
-    ``errors``) as one ``error: ...`` line with exit status 2, and a failed write (CheckpointWriteError) as one
-    line with exit status 1; the process group is always torn down."""
+def run_cli(description, get_args_parser, main):
+    """The entry points' command line: parse, run ``main(args)``, and report user errors (UsageError) and a
+    diverged run (NonFiniteLossError) as one ``error: ...`` line with exit status 2, and a failed write
+    (CheckpointWriteError) as one line with exit status 1; the process group is always torn down."""
     import sys
     args = argparse.ArgumentParser(description, parents=[get_args_parser()]).parse_args()
     try:
         main(args)
-    except (UsageError, *errors) as e:
+    except (UsageError, NonFiniteLossError) as e:
         print(f"error: {one_line_error(e)}", file=sys.stderr, flush=True)
         sys.exit(2)
     except CheckpointWriteError as e:

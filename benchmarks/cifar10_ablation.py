@@ -40,7 +40,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import eval_knn  # noqa: E402
+import knn  # noqa: E402
 import modeling_bootmae  # noqa: E402
 import utils  # noqa: E402
 from datasets import build_dataset  # noqa: E402
@@ -100,7 +100,7 @@ def features(encoder, dataset, batch_size=500):
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
     feats, labels = [], []
     for images, targets in loader:
-        feats.append(eval_knn.pooled_features(encoder, images).float())
+        feats.append(knn.pooled_features(encoder, images).float())
         labels.append(torch.as_tensor(targets))
     return torch.cat(feats), torch.cat(labels).long()
 
@@ -142,7 +142,7 @@ def evaluate(checkpoint, seed, train_set, test_set):
     encoder.eval()
     train_f, train_l = features(encoder, train_set)
     test_f, test_l = features(encoder, test_set)
-    knn1, _ = eval_knn.knn_classify(F.normalize(train_f, dim=1), train_l, F.normalize(test_f, dim=1), test_l,
+    knn1, _ = knn.knn_classify(F.normalize(train_f, dim=1), train_l, F.normalize(test_f, dim=1), test_l,
                                     k=20, temperature=0.07)
     return {"knn_top1": knn1, "linear_top1": linear_probe(train_f, train_l, test_f, test_l, seed=seed)}
 

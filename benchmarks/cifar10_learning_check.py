@@ -29,9 +29,10 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import eval_knn  # noqa: E402
+import knn  # noqa: E402
 import main_linprobe  # noqa: E402
 import modeling_bootmae  # noqa: E402
+import pretrained  # noqa: E402
 import utils  # noqa: E402
 from datasets import build_dataset  # noqa: E402
 
@@ -54,10 +55,10 @@ def run(cmd, log_path):
 
 def knn_of_checkpoint(args, path):
     train_set, val_set = eval_sets(args)
-    model = eval_knn.build_encoder("tiny", 32, args.patch_size)
-    eval_knn.load_encoder_checked(model, path, "model_ema|model")
-    loaders = [eval_knn.build_loader(s, 500, 0) for s in (train_set, val_set)]
-    return eval_knn.knn_accuracy(model, *loaders, torch.device("cpu"), 20, 0.07, "avg")["top1"]
+    model = pretrained.build_encoder("tiny", 32, args.patch_size)
+    pretrained.load_encoder_checked(model, path, "model_ema|model")
+    loaders = [knn.build_loader(s, 500, 0) for s in (train_set, val_set)]
+    return knn.knn_accuracy(model, *loaders, torch.device("cpu"), 20, 0.07, "avg")["top1"]
 
 
 def eval_sets(args):
@@ -71,7 +72,7 @@ def load_pixels(args):
     evaluation transform and the release's normalisation, 0.5 mean and std for every channel), flattened."""
     data = []
     for dataset in eval_sets(args):
-        batches = list(eval_knn.build_loader(dataset, 500, 0))
+        batches = list(knn.build_loader(dataset, 500, 0))
         data.append((torch.cat([x.flatten(1) for x, _ in batches]),
                      torch.cat([torch.as_tensor(y) for _, y in batches]).long()))
     return data
@@ -83,7 +84,7 @@ def knn_of_pixels(pixels, centre=True):
     def features(x, y):
         return F.normalize(x - x.mean(dim=1, keepdim=True) if centre else x, dim=1), y
     (train_x, train_y), (test_x, test_y) = pixels
-    return eval_knn.knn_classify(*features(train_x, train_y), *features(test_x, test_y), k=20, temperature=0.07)[0]
+    return knn.knn_classify(*features(train_x, train_y), *features(test_x, test_y), k=20, temperature=0.07)[0]
 
 
 PROBE_BATCH = 256  # the linear probe's batch: its lr is probe_blr * PROBE_BATCH / 256 = probe_blr
@@ -106,7 +107,7 @@ def encoder_features(args, checkpoint):
     data = []
     for dataset in eval_sets(args):  # the evaluation transform: no augmentation
         batches = [(main_linprobe.features(model, x, None), torch.as_tensor(y))
-                   for x, y in eval_knn.build_loader(dataset, 500, 0)]
+                   for x, y in knn.build_loader(dataset, 500, 0)]
         data.append((torch.cat([f for f, _ in batches]), torch.cat([y for _, y in batches]).long()))
     return data
 

@@ -8,7 +8,6 @@ import argparse
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -21,10 +20,11 @@ sys.path.insert(0, ROOT)
 
 import datasets  # noqa: E402
 import modeling_bootmae as mb  # noqa: E402
+import pretrained  # noqa: E402
 import run_class_finetuning as rcf  # noqa: E402
 import utils  # noqa: E402
 from engine_for_finetuning import evaluate, set_schedules  # noqa: E402
-from optim_factory import adamw, layer_decay_param_groups  # noqa: E402
+from optim_factory import adamw, finetune_param_groups  # noqa: E402
 
 REF = os.path.join(ROOT, "tests", "data", "official_small_reference.pt")
 SMALL = dict(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=6)
@@ -52,7 +52,7 @@ def test_release_checkpoint_transfers_every_encoder_tensor(tmp_path, capsys):
     path = tmp_path / "release.pth"
     torch.save({"model": release}, path)
     model = mb.VisionTransformerForClassification(**SMALL, num_classes=10)
-    loaded, missing, unused = utils.load_pretrained_encoder(model, str(path), "model")
+    loaded, missing, unused = pretrained.load_pretrained_encoder(model, str(path), "model")
     expected = sorted(k for k in release if k.startswith(ENCODER))
     assert sorted(loaded) == expected
     state = model.state_dict()
@@ -67,7 +67,7 @@ def test_release_checkpoint_transfers_every_encoder_tensor(tmp_path, capsys):
     assert 0.5e-5 < model.head.weight.std().item() < 4e-5
     assert not model.head.bias.any() and bool((model.fc_norm.weight == 1).all())
     with pytest.raises(utils.UsageError, match="no 'model_ema' entry"):
-        utils.load_pretrained_encoder(model, str(path), "model_ema")
+        pretrained.load_pretrained_encoder(model, str(path), "model_ema")
 
 
 def test_own_pretraining_checkpoint_transfers_and_other_input_size(tmp_path):
@@ -81,7 +81,7 @@ def test_own_pretraining_checkpoint_transfers_and_other_input_size(tmp_path):
     for key, source in (("model", pre), ("model_ema", ema)):
         # pretrained on a 4x4 grid, fine-tuned on 8x8: the sin-cos table follows the input grid
         model = mb.VisionTransformerForClassification(**SMALL, num_classes=10).eval()
-        loaded, missing, _ = utils.load_pretrained_encoder(model, str(path), key)
+        loaded, missing, _ = pretrained.load_pretrained_encoder(model, str(path), key)
         src = source.state_dict()
         assert sorted(loaded) == sorted(k for k in src if k.startswith(ENCODER))
         assert all(torch.equal(model.state_dict()[k], src[k]) for k in loaded)
@@ -102,7 +102,7 @@ def test_own_pretraining_checkpoint_transfers_and_other_input_size(tmp_path):
 
 def test_layer_decay_scales_follow_the_rule():
     model = mb.bootmae_tiny_patch16_224(num_classes=10)  # L = 12 blocks
-    groups = layer_decay_param_groups(model, 0.05, 0.6)
+    groups = finetune_param_groups(model, 0.05, 0.6)
     scale = {n: g["lr_scale"] for g in groups for n in g["param_names"]}
     decay = {n: g["weight_decay"] for g in groups for n in g["param_names"]}
     assert set(scale) == {n for n, _ in model.named_parameters()}
@@ -114,7 +114,7 @@ def test_layer_decay_scales_follow_the_rule():
     assert decay["cls_token"] == decay["blocks.0.attn.q_bias"] == decay["blocks.0.norm1.weight"] == 0.0
     assert decay["head.bias"] == 0.0 and decay["head.weight"] == decay["blocks.0.attn.qkv.weight"] == 0.05
     # --backbone_decay scales the encoder only (the release's rule)
-    groups = layer_decay_param_groups(model, 0.05, 0.6, backbone_decay=0.5)
+    groups = finetune_param_groups(model, 0.05, 0.6, backbone_decay=0.5)
     scale = {n: g["lr_scale"] for g in groups for n in g["param_names"]}
     assert scale["patch_embed.proj.weight"] == pytest.approx(0.5 * 0.6 ** 13)
     assert scale["blocks.11.norm2.bias"] == pytest.approx(0.5 * 0.6)
@@ -187,12 +187,6 @@ def _eval(argv, capsys):
     return json.loads(next(l for l in out.splitlines() if l.startswith("eval: "))[len("eval: "):])
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def test_single_process_train_resume_and_eval(files, capsys):
     out = files["root"] / "single"
     flags = ["--mixup", "0.8", "--cutmix", "1.0", "--model_ema", "--model_ema_decay", "0.9"]
@@ -235,7 +229,7 @@ def test_error_compile_with_deepspeed(files, guarded_out, monkeypatch, capsys):
 
 def test_torchrun_two_processes_and_sharded_eval(files):
     out = files["root"] / "torchrun"
-    launcher = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port())
+    launcher = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(utils.free_port()))
     stdout = _run(_common(files, out, "--epochs", "1", "--batch_size", "2", "--dist_eval"), launcher=launcher)
     assert "distributed: 2 processes, backend gloo" in stdout
     (record,) = _log(out)

@@ -24,7 +24,7 @@ import modeling_bootmae as mb
 import run_class_finetuning as rcf
 import utils
 from engine_for_finetuning import train_one_epoch
-from optim_factory import adamw, layer_decay_param_groups
+from optim_factory import adamw, finetune_param_groups
 from test_finetune import _in_process, _log, one_thread  # noqa: F401  (one_thread: autouse fixture)
 from test_linprobe import common, make_npz, parse, probe_data, read_log  # noqa: F401  (probe_data: fixture)
 
@@ -139,7 +139,7 @@ def _accumulation_run(model, batches, update_freq, epochs, lr_schedule, wd_sched
     """``epochs`` of train_one_epoch over ``batches`` with AdamW on layer-decay groups and an EMA, as main
     builds them; returns (model, EMA, optimizer, StepRecorder with the EMA at ``decay`` computed here)."""
     model = copy.deepcopy(model)
-    optimizer = adamw(layer_decay_param_groups(model, 0.05, 0.75), 1.0)
+    optimizer = adamw(finetune_param_groups(model, 0.05, 0.75), 1.0)
     ema = ModelEmaV3(model, decay=decay)
     args = argparse.Namespace(update_freq=update_freq, clip_grad=None, print_freq=1)
     criterion = LabelSmoothingCrossEntropy(smoothing=0.1)
@@ -188,6 +188,24 @@ def test_finetuning_update_freq_2_equals_the_double_batch():
 def head_tensors(optimizer):
     """The probe's trained tensors, Linear weight then bias (main_linprobe.build_optimizer's two groups)."""
     return [p.detach().clone() for g in optimizer.param_groups for p in g["params"]]
+
+
+def test_finetuning_non_finite_loss_names_the_first_bad_step():
+    """A NaN image in the second of three batches: the guard, read only at the last step (print_freq 100),
+    names the first non-finite step, epoch 1 x 3 + 1 = 4, in one line with what to change."""
+    torch.manual_seed(0)
+    model = mb.VisionTransformerForClassification(img_size=16, patch_size=4, embed_dim=48, depth=2, num_heads=3,
+                                                  num_classes=4, drop_path_rate=0.0)
+    images, labels = torch.randn(12, 3, 16, 16), torch.arange(12) % 4
+    images[5] = float("nan")
+    batches = list(zip(images.split(4), labels.split(4)))
+    optimizer = adamw(finetune_param_groups(model, 0.05, 0.75), 1.0)
+    args = argparse.Namespace(update_freq=1, clip_grad=None, print_freq=100)
+    with pytest.raises(utils.NonFiniteLossError) as info:
+        train_one_epoch(model, torch.nn.CrossEntropyLoss(), batches, optimizer, torch.device("cpu"), 1, args,
+                        np.full(6, 1e-3), np.full(6, 0.05), loss_scaler=utils.LossScaler("cpu", fp16=False))
+    msg = str(info.value)
+    assert msg.startswith("non-finite loss at step 4 (epoch 1);") and "--lr" in msg and "\n" not in msg
 
 
 def test_linear_probe_learns(probe_data, tmp_path):

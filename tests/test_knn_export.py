@@ -2,7 +2,6 @@
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -18,13 +17,9 @@ sys.path.insert(0, ROOT)
 
 import eval_knn  # noqa: E402
 import export_timm  # noqa: E402
+import knn  # noqa: E402
 import modeling_bootmae  # noqa: E402
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+import utils  # noqa: E402
 
 
 def perturbed(model, seed=0):
@@ -47,10 +42,10 @@ def test_knn_classify_known_answers():
     train_f = F.normalize(centres[train_l] + 0.05 * torch.randn(30, 8, generator=gen), dim=1)
     test_l = torch.tensor([0, 1, 2, 0])
     test_f = F.normalize(centres[test_l] + 0.05 * torch.randn(4, 8, generator=gen), dim=1)
-    assert eval_knn.knn_classify(train_f, train_l, test_f, test_l, k=5, temperature=0.07) == (100.0, 100.0)
+    assert knn.knn_classify(train_f, train_l, test_f, test_l, k=5, temperature=0.07) == (100.0, 100.0)
     # the same points labelled with the next class: top-1 wrong everywhere, but within the top 2 classes
     # (only classes among the neighbours are ranked: top-5 counts min(5, k, classes) = 2 predictions here)
-    top1, top5 = eval_knn.knn_classify(train_f, train_l, test_f, (test_l + 1) % 3, k=2, temperature=0.07)
+    top1, top5 = knn.knn_classify(train_f, train_l, test_f, (test_l + 1) % 3, k=2, temperature=0.07)
     assert top1 == 0.0
 
     # weighting: one neighbour of class 1 at cosine 0.9 against two of class 0 at cosine 0.6.
@@ -58,17 +53,17 @@ def test_knn_classify_known_answers():
     q = torch.tensor([[1.0, 0.0]])
     bank = torch.tensor([[0.9, (1 - 0.81) ** 0.5], [0.6, 0.8], [0.6, -0.8]])
     labels = torch.tensor([1, 0, 0])
-    assert eval_knn.knn_classify(bank, labels, q, torch.tensor([1]), k=3, temperature=0.07)[0] == 100.0
-    assert eval_knn.knn_classify(bank, labels, q, torch.tensor([0]), k=3, temperature=10.0)[0] == 100.0
+    assert knn.knn_classify(bank, labels, q, torch.tensor([1]), k=3, temperature=0.07)[0] == 100.0
+    assert knn.knn_classify(bank, labels, q, torch.tensor([0]), k=3, temperature=10.0)[0] == 100.0
     # chunking does not change anything
-    a = eval_knn.knn_classify(train_f, train_l, test_f, test_l, k=7, temperature=0.1, chunk_size=1)
-    b = eval_knn.knn_classify(train_f, train_l, test_f, test_l, k=7, temperature=0.1)
+    a = knn.knn_classify(train_f, train_l, test_f, test_l, k=7, temperature=0.1, chunk_size=1)
+    b = knn.knn_classify(train_f, train_l, test_f, test_l, k=7, temperature=0.1)
     assert a == b
 
 
 def test_shard_sampler_partitions():
     ds = list(range(11))
-    shards = [list(eval_knn.ShardSampler(ds, num_replicas=3, rank=r)) for r in range(3)]
+    shards = [list(utils.ShardSampler(ds, num_replicas=3, rank=r)) for r in range(3)]
     assert sorted(sum(shards, [])) == ds and [len(s) for s in shards] == [4, 4, 3]
     # the row-major (row, rank) read that gather_shards does, on the padded shards
     padded = torch.tensor([s + [-1] * (4 - len(s)) for s in shards])
@@ -102,8 +97,8 @@ def test_knn_single_process_and_torchrun_agree(knn_data):
     args = eval_knn.get_args_parser().parse_args(knn_argv(knn_data, "--batch_size", "16"))
     single = eval_knn.main(args)
     assert single["n_train"] == 63 and single["n_val"] == 31 and 0 <= single["top1"] <= single["top5"] <= 100
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "eval_knn.py", *knn_argv(knn_data, "--batch_size", "5")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(utils.free_port()), "eval_knn.py", *knn_argv(knn_data, "--batch_size", "5")]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
@@ -123,13 +118,13 @@ def test_pretraining_knn_hook_uses_momentum_encoder(knn_data, tmp_path, monkeypa
     for i in range(8):
         Image.fromarray(rng.integers(0, 256, (36, 36, 3), dtype=np.uint8)).save(folder / f"{i}.png")
     seen = []
-    real = eval_knn.knn_accuracy
+    real = knn.knn_accuracy
 
     def spy(model, *a, **kw):
         seen.append((model, model.training))
         return real(model, *a, **kw)
 
-    monkeypatch.setattr(eval_knn, "knn_accuracy", spy)
+    monkeypatch.setattr(knn, "knn_accuracy", spy)
     out = tmp_path / "pre"
     args = run_pretraining.get_args_parser().parse_args([
         "--model", "bootmae_tiny", "--data_path", str(tmp_path / "images"), "--input_size", "32",
@@ -156,14 +151,14 @@ def test_knn_monitor_crop_pct(tmp_path):
         args = argparse.Namespace(knn_freq=1, knn_k=20, knn_temperature=0.07, knn_data_set="npz",
                                   knn_data_path=str(tmp_path), input_size=32, knn_batch_size=2, batch_size=2,
                                   num_workers=0, knn_pool="avg", knn_crop_pct=crop_pct)
-        return eval_knn.KnnMonitor.from_args(args, torch.device("cpu"))
+        return knn.KnnMonitor.from_args(args, torch.device("cpu"))
 
     resize = [t for t in monitor(None).val_loader.dataset.transform.transforms if type(t).__name__ == "Resize"]
     assert resize[0].size == 36  # 32 / (224 / 256)
     resize = [t for t in monitor(1.0).train_loader.dataset.transform.transforms if type(t).__name__ == "Resize"]
     assert resize[0].size == 32
     for bad in (0.0, 1.5):
-        with pytest.raises(eval_knn.utils.UsageError, match=r"--knn_crop_pct .* \(0, 1\]"):
+        with pytest.raises(utils.UsageError, match=r"--knn_crop_pct .* \(0, 1\]"):
             monitor(bad)
 
 
@@ -197,7 +192,7 @@ def test_export_pretrained_features_match(tmp_path, release):
     avg = eval(line.replace("global_pool='token'", "global_pool='avg', fc_norm=False"), {"timm": timm}).eval()
     with torch.no_grad():
         pooled = avg.forward_head(avg.forward_features(x), pre_logits=True)
-        assert (eval_knn.pooled_features(model, x, "avg") - pooled).abs().max().item() < 1e-5
+        assert (knn.pooled_features(model, x, "avg") - pooled).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("pool", ["avg", "token"])

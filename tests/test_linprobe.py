@@ -4,7 +4,6 @@ on a 4-class npz data set made here, so every run takes seconds."""
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -18,7 +17,7 @@ sys.path.insert(0, ROOT)
 import main_linprobe  # noqa: E402
 import modeling_bootmae  # noqa: E402
 import utils  # noqa: E402
-from eval_knn import parse_model_size  # noqa: E402
+from pretrained import parse_model_size  # noqa: E402
 
 COLORS = np.array([[220, 30, 30], [30, 200, 40], [40, 40, 220], [230, 220, 40]])
 
@@ -59,12 +58,6 @@ def common(root, *extra):
 
 def parse(argv):
     return main_linprobe.get_args_parser().parse_args(argv)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_log(folder):
@@ -155,7 +148,8 @@ def test_torchrun_two_processes_then_eval_reproduces(probe_data, tmp_path):
     """gloo DDP over the head, gradient accumulation, cls-token pooling, sharded evaluation; a single-process
     --eval of its checkpoint gives the logged accuracy exactly."""
     out = tmp_path / "probe2"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+    port = str(utils.free_port())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            "main_linprobe.py", *common(probe_data, "--finetune", str(probe_data / "pretrained.pth"), "--depth", "4",
                                        "--batch_size", "8", "--accum_iter", "2", "--epochs", "2",
                                        "--warmup_epochs", "1", "--lr", "10", "--dist_eval", "--output_dir", str(out))]

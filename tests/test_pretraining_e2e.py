@@ -11,7 +11,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -86,12 +85,6 @@ def _assert_optimizers_equal(a, b):
     assert a["state"].keys() == b["state"].keys()
     for pid in a["state"]:
         _assert_states_equal(a["state"][pid], b["state"][pid], f"optimizer state of param {pid}")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +219,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
                      "--log_all_ranks", "--output_dir", str(out)]
     for attempt in range(2):   # the free port can be taken between choosing and binding it
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                               "--master_port", str(_free_port()), str(wrapper), *args],
+                               "--master_port", str(utils.free_port()), str(wrapper), *args],
                               cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
                               env=_env(RANK_DUMP_DIR=str(dumps), OMP_NUM_THREADS="1"))
         if proc.returncode == 0 or "address already in use" not in (proc.stdout + proc.stderr).lower():

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import re
-import socket
 import stat
 import subprocess
 import sys
@@ -162,12 +161,6 @@ def _env(**extra):
     env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("SLURM_")}
     env.update({k: str(v) for k, v in extra.items()})
     return env
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _executable(path, text):
@@ -325,7 +318,7 @@ def _run_script(script, out, **env):
     """The real script: GPUS=1, batch 2, one epoch on the CPU; returns the output folder's checkpoint args."""
     entry = SCRIPTS[script][0]
     extra = SIZE_OVERRIDES[entry] + COMMON_OVERRIDES
-    env = _env(PYTHON=sys.executable, GPUS=1, BATCH=2, MASTER_PORT=_free_port(), OUTPUT_DIR=out, **env)
+    env = _env(PYTHON=sys.executable, GPUS=1, BATCH=2, MASTER_PORT=utils.free_port(), OUTPUT_DIR=out, **env)
     # DeepSpeed builds its communication extension once; kept beside the virtual environment as test_finetune does
     if os.access(sys.prefix, os.W_OK):
         env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
@@ -436,7 +429,7 @@ NO_WORKERS = [f"{split}_dataloader.{key}" for split in ("train", "val", "test")
 
 
 def _run_launcher(script, *args):
-    env = _env(PYTHON=sys.executable, MASTER_PORT=_free_port(), CUDA_VISIBLE_DEVICES="")
+    env = _env(PYTHON=sys.executable, MASTER_PORT=utils.free_port(), CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(["bash", os.path.join(ROOT, script), *args, "--launcher", "none"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, f"{script}: exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
