@@ -1,20 +1,14 @@
-"""One BootMAE pretraining epoch, its losses, its per-epoch schedules and its target encoders.
+"""One BootMAE pretraining epoch (``train_one_epoch``), its loss (``bootmae_loss``) and its per-epoch schedules.
 
-Target encoders (``--target_encoder``) give the feature targets and decide when they change:
-
-  ema        BootMAE: a momentum encoder (EMA of the whole model) updated after every optimisation step
-  fixed      a frozen encoder loaded from a checkpoint (ours, the release's or MAE's; paper Table 9)
-  k_epoch    MAE-K: a frozen copy of the online encoder, refreshed at the start of every K-th epoch
-  epoch_ema  EMA-MAE: target = (1 - tau) * target + tau * online after every epoch
-  mae_new    MAE-new: L_fast + lambda * L_slow, fast = the epoch_ema target, slow = the k_epoch target
-
-All give the patch tokens of the target's last block, before its final norm (the release's target).
+A step: lr and weight decay of the global step -> the target encoder's features (``target_encoders.py``) ->
+the model's pixel and feature predictions -> ``bootmae_loss`` -> backward, clip, optimizer step -> the target
+encoder's update (BootMAE's EMA) -> the step's figures on the device, read at the print interval.
 """
+import contextlib
 import time
 
 import torch
 import torch.nn.functional as F
-from timm.utils import ModelEmaV3
 
 import utils
 from utils import NonFiniteLossError
@@ -123,19 +117,21 @@ def bootmae_loss(pixel_pred, feature_pred, target_features, images, mask, patch_
     """BootMAE's two losses, computed in float32.
 
     pixel_pred: [B, N, P*P*3] (or None: pixel loss 0); feature_pred: [B, N, D]; target_features: [B, N, D]
-    momentum-encoder tokens (or None: feature loss 0), or [B, n, D] for the patches ``target_ids`` [B, n];
-    images: [B, 3, H, W] the model's input; mask: [B, N] bool, True = masked.
-    Returns (pixel_loss, feature_loss): squared errors on masked patches against the pixel target of
-    ``pixel_norm`` (see ``normalized_pixel_target``) and against LayerNorm(no affine, eps 1e-6) of the targets
-    (the prediction normalised the same).
+    momentum-encoder tokens, or [B, n, D] for the patches ``target_ids`` [B, n]; or a list of (weight, such
+    targets) whose losses are summed with those weights (MAE-new: [(1, fast), (lambda, slow)]); None or an
+    empty list: feature loss 0. images: [B, 3, H, W] the model's input; mask: [B, N] bool, True = masked.
+    Returns (pixel_loss, feature_loss): squared errors on masked patches (weighted by ``mask_weights`` with
+    ``weight_mask``) against the pixel target of ``pixel_norm`` (see ``normalized_pixel_target``) and against
+    LayerNorm(no affine, eps 1e-6) of the targets (the prediction normalised the same).
     """
     grid = (images.shape[-2] // patch_size, images.shape[-1] // patch_size)
     weight = loss_weights(mask, grid, weight_mask)
     zero = weight.new_zeros(())
     pix = zero if pixel_pred is None else pixel_loss(pixel_pred, images, weight, patch_size, pixel_norm)
-    if target_features is None:
-        return pix, zero
-    return pix, feature_loss(feature_pred, target_features, weight, target_ids)
+    if torch.is_tensor(target_features):
+        target_features = [(1.0, target_features)]
+    terms = [feature_loss(feature_pred, target, weight, target_ids) * w for w, target in target_features or ()]
+    return pix, sum(terms[1:], terms[0]) if terms else zero
 
 
 def sample_target_patches(mask, num_masked, count):
@@ -181,209 +177,6 @@ def ema_momentum_at(epoch, start=0.999, dynamic=False, warmup_epochs=100, dynami
         frac = min((epoch - warmup_epochs) / max(dynamic_epochs - warmup_epochs, 1), 1.0)
         return 0.9999 + (0.99999 - 0.9999) * frac
     return 0.9999
-
-
-# ---------------------------------------------------------------------------------------------------------
-# target encoders
-
-def copy_encoder(model):
-    """A frozen plain ``VisionTransformer`` with ``model``'s encoder architecture and weights, in eval mode."""
-    from modeling_bootmae import VisionTransformer
-    net = VisionTransformer(**model.encoder_config())
-    net.load_state_dict(model.encoder_state_dict())
-    return net.to(next(model.parameters()).device).eval().requires_grad_(False)
-
-
-class TargetEncoder:
-    """Feature targets of one strategy. ``features(images, ids)`` gives [(weight, targets), ...];
-    ``begin_epoch``/``end_epoch`` are called around every epoch whose loss uses features, ``after_step``
-    after every optimisation step; ``state_dict`` is what a checkpoint needs to resume exactly."""
-    kind = None
-
-    def begin_epoch(self, epoch, online):
-        pass
-
-    def end_epoch(self, epoch, online):
-        pass
-
-    def after_step(self, online, momentum):
-        pass
-
-    def features(self, images, ids=None):
-        raise NotImplementedError
-
-    def state_dict(self):
-        raise NotImplementedError
-
-    def load_state_dict(self, state):
-        raise NotImplementedError
-
-    def compile(self):
-        pass
-
-
-class EmaTarget(TargetEncoder):
-    """BootMAE's momentum encoder: an EMA of the whole model (timm ``ModelEmaV3``, kept under the release's
-    checkpoint key ``model_ema``), updated after every optimisation step with the scheduled momentum."""
-    kind = "ema"
-
-    def __init__(self, ema, target_fn=None):
-        self.ema = ema
-        self.target_fn = target_fn
-
-    @property
-    def module(self):
-        return self.ema.module
-
-    def after_step(self, online, momentum):
-        self.ema.decay = momentum
-        self.ema.update(online)
-
-    def features(self, images, ids=None):
-        fn = self.target_fn or self.ema.module.target_features
-        return [(1.0, fn(images) if ids is None else fn(images, ids))]
-
-    def compile(self):
-        self.target_fn = torch.compile(self.ema.module.target_features)
-
-    def state_dict(self):
-        return {"model_ema": self.ema.module.state_dict()}
-
-    def load_state_dict(self, state):
-        self.ema.module.load_state_dict(state["model_ema"])
-
-
-class _FrozenEncoderTarget(TargetEncoder):
-    """One frozen plain encoder; ``ready`` is False until it first holds weights."""
-
-    def __init__(self, net, ready):
-        self.net, self.ready = net, ready
-        self.target_fn = None
-
-    def features(self, images, ids=None):
-        if not self.ready:
-            raise RuntimeError(f"the {self.kind} target encoder is used before it was initialised")
-        fn = self.target_fn or self.net.target_features
-        return [(1.0, fn(images) if ids is None else fn(images, ids))]
-
-    def compile(self):
-        self.target_fn = torch.compile(self.net.target_features)
-
-    def _refresh(self, online):
-        # in place, so compiled graphs keep reading the same tensors
-        with torch.no_grad():
-            self.net.load_state_dict(online.encoder_state_dict())
-        self.ready = True
-
-    def state_dict(self):
-        return {"target": self.net.state_dict() if self.ready else None}
-
-    def load_state_dict(self, state):
-        if state.get("target") is None:
-            self.ready = False
-        else:
-            self.net.load_state_dict(state["target"])
-            self.ready = True
-
-
-class FixedTarget(_FrozenEncoderTarget):
-    """A frozen encoder loaded once (``--target_checkpoint``); it never changes."""
-    kind = "fixed"
-
-    def __init__(self, net):
-        super().__init__(net, ready=True)
-
-
-class KEpochTarget(_FrozenEncoderTarget):
-    """MAE-K: a frozen copy of the online encoder, taken when the feature loss is first used and then at
-    the start of every epoch that is a multiple of K (so it changes only at multiples of K epochs)."""
-    kind = "k_epoch"
-
-    def __init__(self, online, k):
-        super().__init__(copy_encoder(online), ready=False)
-        self.k = k
-
-    def begin_epoch(self, epoch, online):
-        if not self.ready or epoch % self.k == 0:
-            self._refresh(online)
-
-
-class EpochEmaTarget(_FrozenEncoderTarget):
-    """EMA-MAE: a copy of the online encoder when the feature loss is first used (epoch 0, or the first
-    epoch after a pixel-only warm-up of WSE epochs, so that the target has learnt to see pixels), then after
-    every epoch that used it: target = (1 - tau) * target + tau * online, parameter by parameter."""
-    kind = "epoch_ema"
-
-    def __init__(self, online, tau):
-        super().__init__(copy_encoder(online), ready=False)
-        self.tau = tau
-
-    def begin_epoch(self, epoch, online):
-        if not self.ready:
-            self._refresh(online)
-
-    @torch.no_grad()
-    def end_epoch(self, epoch, online):
-        own = self.net.state_dict()
-        for key, value in online.encoder_state_dict().items():
-            own[key].mul_(1.0 - self.tau).add_(value.detach(), alpha=self.tau)
-
-
-class MaeNewTarget(TargetEncoder):
-    """MAE-new: L = L_fast + lambda * L_slow, fast = an ``EpochEmaTarget``, slow = a ``KEpochTarget``; one
-    feature prediction is compared with both."""
-    kind = "mae_new"
-
-    def __init__(self, online, k, tau, slow_weight):
-        self.fast, self.slow = EpochEmaTarget(online, tau), KEpochTarget(online, k)
-        self.slow_weight = slow_weight
-
-    def begin_epoch(self, epoch, online):
-        self.fast.begin_epoch(epoch, online)
-        self.slow.begin_epoch(epoch, online)
-
-    def end_epoch(self, epoch, online):
-        self.fast.end_epoch(epoch, online)
-        self.slow.end_epoch(epoch, online)
-
-    def features(self, images, ids=None):
-        (_, fast), = self.fast.features(images, ids)
-        (_, slow), = self.slow.features(images, ids)
-        return [(1.0, fast), (self.slow_weight, slow)]
-
-    def compile(self):
-        self.fast.compile()
-        self.slow.compile()
-
-    def state_dict(self):
-        return {"fast": self.fast.state_dict()["target"], "slow": self.slow.state_dict()["target"]}
-
-    def load_state_dict(self, state):
-        self.fast.load_state_dict({"target": state.get("fast")})
-        self.slow.load_state_dict({"target": state.get("slow")})
-
-
-TARGET_ENCODERS = ("ema", "fixed", "k_epoch", "epoch_ema", "mae_new")
-
-
-def build_target_encoder(args, model, fixed_encoder=None):
-    """The ``TargetEncoder`` of ``args.target_encoder`` for the (unwrapped) online ``model``; None when the
-    run has no feature loss (``--feature_weight 0``, MAE) or no momentum encoder (``--no_model_ema``).
-    ``fixed_encoder`` is the loaded network of ``fixed``."""
-    kind = getattr(args, "target_encoder", "ema")
-    if args.feature_weight == 0:
-        return None
-    if kind == "ema":
-        return EmaTarget(ModelEmaV3(model, decay=args.model_ema_decay)) if args.model_ema else None
-    if kind == "fixed":
-        return FixedTarget(fixed_encoder)
-    if kind == "k_epoch":
-        return KEpochTarget(model, args.target_k)
-    if kind == "epoch_ema":
-        return EpochEmaTarget(model, args.target_tau)
-    if kind == "mae_new":
-        return MaeNewTarget(model, args.target_k, args.target_tau, args.slow_weight)
-    raise ValueError(f"unknown target encoder {kind!r}; choose one of {', '.join(TARGET_ENCODERS)}")
 
 
 # the epoch statistics measured with the host's clock (not reproduced by a resumed run, unlike the others)
@@ -433,43 +226,95 @@ class LoaderClock:
         return self._rates(self.images, self.wait, time.perf_counter() - self.start)
 
 
+class EpochLog:
+    """The figures of one epoch: each micro-step's losses and gradient norm summed on the device
+    (``utils.StepLogger``), the first non-finite step with its loss components (``utils.mark_first_nonfinite``),
+    the loader's images/s and data wait (``LoaderClock``); read, printed and logged at the print intervals."""
+
+    def __init__(self, device, epoch, steps_per_epoch, log_writer=None):
+        self.epoch, self.steps, self.log_writer = epoch, steps_per_epoch, log_writer
+        self.header = f"Epoch: [{epoch}]"
+        self.logger = utils.StepLogger(device, ["loss", "pixel_loss", "feature_loss", "grad_norm"], log_writer)
+        self.bad = torch.full((3,), -1.0, device=device)   # [step, pixel loss, feature loss] of the first NaN
+        self.start, self.first_step_end = time.time(), None
+        self.clock = LoaderClock()
+
+    def add(self, it, loss, pix, fea, grad_norm):
+        """One micro-step (``grad_norm`` None unless it updated the weights), kept on the device."""
+        utils.mark_first_nonfinite(self.bad, loss, it, pix, fea)
+        self.logger.add(loss=loss.detach(), pixel_loss=pix.detach(), feature_loss=fea.detach(), grad_norm=grad_norm)
+
+    def step_done(self):
+        if self.first_step_end is None:
+            self.first_step_end = time.time()
+
+    def print_step(self, step, it, lr, feature_weight, momentum):
+        """The print interval, the steps' only host sync: a non-finite loss so far stops the run, naming its first
+        step and loss components; else the interval's means are printed and logged."""
+        if self.bad[0].item() >= 0:
+            s, p, f = self.bad.tolist()
+            raise NonFiniteLossError(
+                f"non-finite loss at step {int(s)} (epoch {self.epoch}): pixel loss {p}, feature loss {f} "
+                f"(feature weight {feature_weight}); lower --lr, set --clip_grad, or use --amp bf16/none")
+        means = self.logger.flush(it)
+        images_per_s, data_wait = self.clock.window()
+        elapsed = time.time() - self.start
+        eta = elapsed / (step + 1) * (self.steps - step - 1)
+        if self.log_writer is not None:
+            for name, value in (("opt/lr", lr), ("opt/feature_weight", feature_weight), ("opt/ema_momentum", momentum),
+                                ("perf/images_per_s", images_per_s), ("perf/data_wait", data_wait)):
+                self.log_writer.add_scalar(name, value, it)
+        utils.print0(f"{self.header} [{step + 1:>{len(str(self.steps))}}/{self.steps}] "
+                     f"eta {utils.format_seconds(eta)}  lr {lr:.3e}  loss {means['loss']:.4f} "
+                     f"(pixel {means['pixel_loss']:.4f}, feature {means['feature_loss']:.4f})  "
+                     f"grad_norm {means['grad_norm']:.3f}  {elapsed / (step + 1):.3f} s/step  "
+                     f"{images_per_s:.1f} img/s  data wait {100 * data_wait:.0f} %")
+
+    def finish(self, data_pipeline="pil"):
+        """(the epoch's means, its timing: s_per_step, images_per_s, data_wait), the images/s line printed."""
+        stats = self.logger.epoch_means()   # waits for the device, so the clock covers every queued step
+        end = time.time()
+        images_per_s, data_wait = self.clock.total()
+        if self.log_writer is not None:
+            self.log_writer.add_scalar("perf/epoch_images_per_s", images_per_s, self.epoch)
+            self.log_writer.add_scalar("perf/epoch_data_wait", data_wait, self.epoch)
+        hint = " or use --data_pipeline fast)" if data_pipeline == "pil" else ")"
+        utils.print0(f"{self.header} {images_per_s:.1f} images/s, {100 * data_wait:.0f} % of the time waiting for "
+                     f"data" + (" (input-bound: raise --num_workers" + hint if data_wait > INPUT_BOUND_WAIT else ""))
+        # seconds per optimisation step after the first (which also waits for the data loader to start)
+        first = self.first_step_end
+        s_per_step = (end - first) / (self.steps - 1) if self.steps > 1 else end - self.start
+        return stats, dict(s_per_step=s_per_step, images_per_s=images_per_s, data_wait=data_wait)
+
+
 def train_one_epoch(model, targets, data_loader, optimizer, loss_scaler, device, epoch,
-                    lr_schedule, wd_schedule, args, log_writer=None, amp_dtype=None, target_fn=None):
-    """One epoch. ``model`` may be DDP-wrapped; ``targets`` is a ``TargetEncoder`` (or a timm ``ModelEmaV3``
-    of the unwrapped model, BootMAE's momentum encoder, or None: pixel loss only); ``target_fn`` (default: the
-    EMA's ``target_features``) computes the feature targets of a ``ModelEmaV3``, e.g. a compiled version of it.
+                    lr_schedule, wd_schedule, args, log_writer=None, amp_dtype=None):
+    """One epoch. ``model`` may be DDP-wrapped; ``targets`` is a ``target_encoders.TargetEncoder`` (None: pixel
+    loss only); ``loss_scaler`` a ``utils.LossScaler`` (its GradScaler is active for fp16 only).
     ``lr_schedule``/``wd_schedule`` are per-step arrays indexed by the global optimisation step, so a resumed
-    run continues them exactly. Besides the losses, the statistics hold the epoch's ``images_per_s`` (all
-    processes) and ``data_wait`` (the share of the epoch this process spent waiting for the data loader)."""
+    run continues them exactly. Returns the epoch's mean losses and gradient norm (before clipping), the
+    schedules' values, and ``images_per_s`` (all processes) and ``data_wait`` (the share of the epoch this
+    process spent waiting for the data loader)."""
     model.train()
     unwrapped = utils.unwrap_model(model)
-    if isinstance(targets, ModelEmaV3):
-        targets = EmaTarget(targets, target_fn)
-    patch_size = unwrapped.patch_size
     update_freq = args.update_freq
     steps_per_epoch = len(data_loader) // update_freq
     pixel_weight, feature_weight = loss_weights_at(epoch, args)
     momentum = ema_momentum_at(epoch, args.model_ema_decay, args.model_ema_dynamic,
                                args.model_ema_warmup_epochs, args.model_ema_dynamic_epochs)
     use_targets = targets is not None and feature_weight > 0
-    # under --compile the losses are compiled too: their normalisations and reductions become a few kernels
-    compiled = getattr(args, "compile", False)
-    pixel_loss_fn = torch.compile(pixel_loss) if compiled else pixel_loss
-    feature_loss_fn = torch.compile(feature_loss) if compiled else feature_loss
     fraction = getattr(args, "target_fraction", 1.0)
     pixel_norm = getattr(args, "pixel_norm", "channel")
+    # under --compile the loss is compiled too: its normalisations and reductions become a few kernels
+    loss_fn = torch.compile(bootmae_loss) if getattr(args, "compile", False) else bootmae_loss
+    scaler = loss_scaler.scaler
+    params = [p for p in model.parameters() if p.requires_grad]
     if use_targets:
         targets.begin_epoch(epoch, unwrapped)
-    logger = utils.StepLogger(device, ["loss", "pixel_loss", "feature_loss", "grad_norm"], log_writer)
-    # first non-finite step and its two loss components, kept on the device so that no step syncs
-    bad = torch.full((3,), -1.0, device=device)
-    header = f"Epoch: [{epoch}]"
-    start = time.time()
-    clock = LoaderClock()
-    first_step_end = None
+    log = EpochLog(device, epoch, steps_per_epoch, log_writer)
     optimizer.zero_grad(set_to_none=True)
-    for data_iter, (images, mask) in enumerate(clock.batches(data_loader)):
-        step = data_iter // update_freq
+    for data_iter, (images, mask) in enumerate(log.clock.batches(data_loader)):
+        step, update = data_iter // update_freq, (data_iter + 1) % update_freq == 0
         if step >= steps_per_epoch:
             break
         it = epoch * steps_per_epoch + step
@@ -488,69 +333,31 @@ def train_one_epoch(model, targets, data_loader, optimizer, loss_scaler, device,
         if use_targets and fraction < 1:
             target_ids = sample_target_patches(mask, num_masked, target_patch_count(fraction, mask.shape[1]))
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            target_list = targets.features(images, target_ids) if use_targets else []
+            target_features = targets.features(images, target_ids) if use_targets else None
             pixel_pred, feature_pred = model(images, mask, num_masked, pixel=pixel_weight > 0, feature=use_targets)
-        grid = (images.shape[-2] // patch_size, images.shape[-1] // patch_size)
-        weight = loss_weights(mask, grid, args.weight_mask)
-        zero = weight.new_zeros(())
-        pix = zero if pixel_pred is None else pixel_loss_fn(pixel_pred, images, weight, patch_size, pixel_norm)
-        # the targets' weighted sum (MAE-new: L_fast + lambda * L_slow); one target of weight 1 is just its loss
-        terms = [feature_loss_fn(feature_pred, target, weight, target_ids) * w if w != 1.0
-                 else feature_loss_fn(feature_pred, target, weight, target_ids) for w, target in target_list]
-        fea = sum(terms[1:], terms[0]) if terms else zero
+        pix, fea = loss_fn(pixel_pred, feature_pred, target_features, images, mask, unwrapped.patch_size,
+                           args.weight_mask, target_ids, pixel_norm)
         loss = pixel_weight * pix + feature_weight * fea
-        first_bad = (bad[0] < 0) & ~torch.isfinite(loss)
-        bad.copy_(torch.where(first_bad, torch.stack([torch.tensor(float(it), device=device),
-                                                      pix.detach(), fea.detach()]), bad))
-        update = (data_iter + 1) % update_freq == 0
-        grad_norm = loss_scaler(loss / update_freq, optimizer, parameters=model.parameters(),
-                                clip_grad=args.clip_grad, update_grad=update,
-                                sync=update or not hasattr(model, "no_sync"), model=model)
+        # accumulation micro-steps keep their gradients local: DDP all-reduces on the update micro-step only
+        with model.no_sync() if not update and hasattr(model, "no_sync") else contextlib.nullcontext():
+            scaler.scale(loss / update_freq).backward()
+        grad_norm = None
         if update:
+            scaler.unscale_(optimizer)
+            grad_norm = loss_scaler.clip_grad_norm(params, args.clip_grad)
+            scaler.step(optimizer)   # fp16: skipped when a gradient is inf or NaN, and the scale shrinks
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             if targets is not None:
                 targets.after_step(unwrapped, momentum)
-            if first_step_end is None:
-                first_step_end = time.time()
-        logger.add(loss=loss.detach(), pixel_loss=pix.detach(), feature_loss=fea.detach(), grad_norm=grad_norm)
-        last = data_iter + 1 == steps_per_epoch * update_freq
-        if update and (step % args.print_freq == 0 or last):
-            if bad[0].item() >= 0:
-                s, p, f = bad.tolist()
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {int(s)} (epoch {epoch}): pixel loss {p}, feature loss {f} "
-                    f"(feature weight {feature_weight}); lower --lr, set --clip_grad, or use --amp bf16/none")
-            means = logger.flush(it)
-            images_per_s, data_wait = clock.window()
-            elapsed = time.time() - start
-            eta = elapsed / (step + 1) * (steps_per_epoch - step - 1)
-            lr = optimizer.param_groups[0]["lr"]
-            if log_writer is not None:
-                log_writer.add_scalar("opt/lr", lr, it)
-                log_writer.add_scalar("opt/feature_weight", feature_weight, it)
-                log_writer.add_scalar("opt/ema_momentum", momentum, it)
-                log_writer.add_scalar("perf/images_per_s", images_per_s, it)
-                log_writer.add_scalar("perf/data_wait", data_wait, it)
-            utils.print0(f"{header} [{step + 1:>{len(str(steps_per_epoch))}}/{steps_per_epoch}] "
-                         f"eta {utils.format_seconds(eta)}  lr {lr:.3e}  loss {means['loss']:.4f} "
-                         f"(pixel {means['pixel_loss']:.4f}, feature {means['feature_loss']:.4f})  "
-                         f"grad_norm {means['grad_norm']:.3f}  {elapsed / (step + 1):.3f} s/step  "
-                         f"{images_per_s:.1f} img/s  data wait {100 * data_wait:.0f} %")
-    stats = logger.epoch_means()   # waits for the device, so the clock covers every queued step
-    end = time.time()
-    images_per_s, data_wait = clock.total()
-    if log_writer is not None:
-        log_writer.add_scalar("perf/epoch_images_per_s", images_per_s, epoch)
-        log_writer.add_scalar("perf/epoch_data_wait", data_wait, epoch)
-    utils.print0(f"{header} {images_per_s:.1f} images/s, {100 * data_wait:.0f} % of the time waiting for data"
-                 + (" (input-bound: raise --num_workers" + (" or use --data_pipeline fast)" if getattr(
-                     args, "data_pipeline", "pil") == "pil" else ")") if data_wait > INPUT_BOUND_WAIT else ""))
+            log.step_done()
+        log.add(it, loss, pix, fea, grad_norm)
+        if update and (step % args.print_freq == 0 or step + 1 == steps_per_epoch):
+            log.print_step(step, it, optimizer.param_groups[0]["lr"], feature_weight, momentum)
+    stats, timing = log.finish(getattr(args, "data_pipeline", "pil"))
     if use_targets:
         targets.end_epoch(epoch, unwrapped)
-    # seconds per optimisation step after the first (which also waits for the data loader to start)
-    s_per_step = (end - first_step_end) / (steps_per_epoch - 1) if steps_per_epoch > 1 else end - start
     stats.update(lr=optimizer.param_groups[0]["lr"], feature_weight=feature_weight, ema_momentum=momentum,
-                 steps=steps_per_epoch, pixel_weight=pixel_weight, s_per_step=s_per_step,
-                 images_per_s=images_per_s, data_wait=data_wait,
+                 steps=steps_per_epoch, pixel_weight=pixel_weight, **timing,
                  target_patches=target_patch_count(fraction, unwrapped.patch_embed.num_patches) if use_targets else 0)
     return stats

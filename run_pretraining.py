@@ -21,11 +21,11 @@ import knn
 import modeling_bootmae  # noqa: F401  (registers the bootmae_* models with timm)
 import utils
 from datasets import DATA_PIPELINES, build_pretraining_dataset, build_pretraining_loader, mean_std
-from engine_for_pretraining import (PIXEL_NORMS, TARGET_ENCODERS, build_target_encoder,
-                                    normalized_pixel_target, patchify, pixels_of_prediction, target_patch_count,
-                                    train_one_epoch, unpatchify)
+from engine_for_pretraining import (PIXEL_NORMS, normalized_pixel_target, patchify, pixels_of_prediction,
+                                    target_patch_count, train_one_epoch, unpatchify)
 from modeling_bootmae import from_release_state_dict, is_release_state_dict
 from optim_factory import create_optimizer
+from target_encoders import TARGET_ENCODERS, build_target_encoder, copy_encoder
 
 
 # The MAE paper's pretraining (He et al., 2022) as flags of this script: pixel target only (no feature
@@ -339,7 +339,6 @@ def load_fixed_target(args, model):
     """The frozen encoder of --target_checkpoint, with ``model``'s encoder architecture. Reads our and the
     release's checkpoints and MAE's (its full qkv bias is split, and its position table, which orders the
     sin-cos columns differently from ours, is used as stored)."""
-    from engine_for_pretraining import copy_encoder
     path, key = args.target_checkpoint, args.target_checkpoint_key
     ckpt = utils.load_checkpoint(path)
     try:

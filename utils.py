@@ -166,7 +166,9 @@ def cosine_scheduler(base_value, final_value, epochs, steps_per_epoch, warmup_ep
 # mixed precision
 
 class LossScaler:
-    """Backward, optional gradient clipping and the optimizer step, with a GradScaler only for fp16.
+    """The GradScaler of a run, kept in checkpoints under ``scaler``: active for fp16 only (for bf16 and float32
+    its calls pass through). The pretraining loop calls ``scaler`` in the open (scale -> backward; on the update
+    micro-step unscale_ -> ``clip_grad_norm`` -> step -> update); calling the object does the same in one call.
 
     Returns the gradient norm as a tensor (no host sync); None when the step is skipped for accumulation.
     """
@@ -175,6 +177,15 @@ class LossScaler:
     def __init__(self, device_type, fp16):
         self.fp16 = fp16
         self.scaler = torch.amp.GradScaler(device_type, enabled=fp16)
+
+    @staticmethod
+    def clip_grad_norm(parameters, clip_grad=None):
+        """The total norm of the (unscaled) gradients of ``parameters`` before clipping, a tensor (no host sync);
+        with ``clip_grad`` the gradients are then scaled down to at most that norm."""
+        if clip_grad:
+            return torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
+        grads = [p.grad for p in parameters if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
     def __call__(self, loss, optimizer, parameters, clip_grad=None, update_grad=True, sync=True, model=None):
         parameters = [p for p in parameters if p.requires_grad]
@@ -186,11 +197,7 @@ class LossScaler:
         if not update_grad:
             return None
         self.scaler.unscale_(optimizer)
-        if clip_grad:
-            norm = torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
-        else:
-            grads = [p.grad for p in parameters if p.grad is not None]
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        norm = self.clip_grad_norm(parameters, clip_grad)
         self.scaler.step(optimizer)
         self.scaler.update()
         return norm

@@ -23,9 +23,9 @@ import modeling_bootmae as mb  # noqa: E402
 import run_pretraining  # noqa: E402
 import utils  # noqa: E402
 from datasets import DataAugmentationForBootMAE  # noqa: E402
-from engine_for_pretraining import (EpochEmaTarget, KEpochTarget, build_target_encoder, feature_loss,  # noqa: E402
-                                    loss_weights, sample_target_patches, train_one_epoch)
+from engine_for_pretraining import feature_loss, loss_weights, sample_target_patches, train_one_epoch  # noqa: E402
 from optim_factory import create_optimizer  # noqa: E402
+from target_encoders import EpochEmaTarget, KEpochTarget, build_target_encoder  # noqa: E402
 import tables  # noqa: E402
 
 SMALL = ["--input_size", "32", "--patch_size", "8", "--encoder_dim", "32", "--encoder_depth", "12",

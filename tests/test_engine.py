@@ -8,7 +8,6 @@ import re
 import numpy as np
 import pytest
 import torch
-from timm.utils import ModelEmaV3
 
 import utils
 from engine_for_pretraining import (NonFiniteLossError, bootmae_loss, ema_momentum_at, feature_weight_at,
@@ -16,6 +15,7 @@ from engine_for_pretraining import (NonFiniteLossError, bootmae_loss, ema_moment
                                     train_one_epoch)
 from modeling_bootmae import BootMAE
 from optim_factory import create_optimizer, param_groups
+from target_encoders import build_target_encoder
 
 
 # ---------------------------------------------------------------------------------------------- mask weights
@@ -110,6 +110,13 @@ def test_bootmae_loss_is_mse_over_masked_patches():
     # without targets the feature loss is zero
     p3, f3 = bootmae_loss(pixel_pred, feature_pred, None, images, mask, P)
     assert p3.item() == pixel.item() and f3.item() == 0.0
+
+    # several weighted targets (MAE-new's L_fast + lambda L_slow): the weighted sum of their losses
+    other = torch.randn(B, N, D, generator=g)
+    _, f_other = bootmae_loss(pixel_pred, feature_pred, other, images, mask, P)
+    p4, f4 = bootmae_loss(pixel_pred, feature_pred, [(1.0, targets), (0.2, other)], images, mask, P)
+    assert p4.item() == pixel.item() and abs(f_other.item() - feature.item()) > 0.1
+    assert f4.item() == pytest.approx(feature.item() + 0.2 * f_other.item(), rel=1e-6)
 
 
 def test_weighted_loss_divides_by_masked_count():
@@ -254,7 +261,7 @@ def test_create_optimizer_is_adamw_with_release_betas():
 def _engine_args(**kw):
     a = dict(update_freq=1, feature_weight=1.0, epochs=4, model_ema_decay=0.999, model_ema_dynamic=False,
              model_ema_warmup_epochs=100, model_ema_dynamic_epochs=400, weight_mask=False, clip_grad=None,
-             print_freq=100, weight_decay=0.05, lr=1e-3)
+             print_freq=100, weight_decay=0.05, lr=1e-3, model_ema=True)
     a.update(kw)
     return argparse.Namespace(**a)
 
@@ -274,22 +281,24 @@ def _batches(n, bad=None, B=2, seed=0):
 
 
 def _setup(args):
+    """The tiny model (seed 0), its momentum encoder as run_pretraining builds it, AdamW and 3-step schedules."""
     torch.manual_seed(0)
     model = _tiny_model()
-    ema = ModelEmaV3(model, decay=args.model_ema_decay)
+    targets = build_target_encoder(args, model)
     opt = create_optimizer(args, model)
     steps = 3
     lr = utils.cosine_scheduler(args.lr, 1e-5, args.epochs, steps, 1)
     wd = utils.cosine_scheduler(args.weight_decay, args.weight_decay, args.epochs, steps)
-    return model, ema, opt, lr, wd
+    return model, targets, opt, lr, wd
 
 
 def test_train_one_epoch_updates_model_and_reports_stats():
     args = _engine_args()
-    model, ema, opt, lr, wd = _setup(args)
+    model, targets, opt, lr, wd = _setup(args)
+    ema = targets.ema
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ema_before = {k: v.clone() for k, v in ema.module.state_dict().items()}
-    stats = train_one_epoch(model, ema, _batches(3), opt, utils.LossScaler("cpu", fp16=False),
+    stats = train_one_epoch(model, targets, _batches(3), opt, utils.LossScaler("cpu", fp16=False),
                             torch.device("cpu"), 1, lr, wd, args)
     assert stats["steps"] == 3
     assert math.isfinite(stats["loss"]) and stats["loss"] > 0
@@ -309,9 +318,9 @@ def test_non_finite_loss_names_first_bad_step_and_both_losses():
     """A NaN image in the second batch: the guard (checked only at log steps, here the last) reports the
     first non-finite step, 1, not the step where it was noticed, with both loss components."""
     args = _engine_args(print_freq=100)
-    model, ema, opt, lr, wd = _setup(args)
+    model, targets, opt, lr, wd = _setup(args)
     with pytest.raises(NonFiniteLossError) as info:
-        train_one_epoch(model, ema, _batches(3, bad=1), opt, utils.LossScaler("cpu", fp16=False),
+        train_one_epoch(model, targets, _batches(3, bad=1), opt, utils.LossScaler("cpu", fp16=False),
                         torch.device("cpu"), 0, lr, wd, args)
     msg = str(info.value)
     assert "\n" not in msg
@@ -326,11 +335,11 @@ def test_non_finite_feature_loss_alone_is_caught():
     """Targets that are NaN (a broken momentum encoder) with finite pixels: the message shows a finite
     pixel loss and a NaN feature loss, at the global step index (epoch 2 x 3 steps = 6)."""
     args = _engine_args(print_freq=1)
-    model, ema, opt, lr, wd = _setup(args)
+    model, targets, opt, lr, wd = _setup(args)
     with torch.no_grad():
-        ema.module.blocks[-1].mlp.fc2.bias.fill_(float("nan"))
+        targets.module.blocks[-1].mlp.fc2.bias.fill_(float("nan"))
     with pytest.raises(NonFiniteLossError) as info:
-        train_one_epoch(model, ema, _batches(3), opt, utils.LossScaler("cpu", fp16=False),
+        train_one_epoch(model, targets, _batches(3), opt, utils.LossScaler("cpu", fp16=False),
                         torch.device("cpu"), 2, lr, wd, args)
     m = re.search(r"at step (\d+) \(epoch 2\): pixel loss (\S+), feature loss (\S+)", str(info.value))
     assert m, str(info.value)
@@ -340,6 +349,28 @@ def test_non_finite_feature_loss_alone_is_caught():
 
 
 # ---------------------------------------------------------------------------------------------- step logger
+
+def test_train_one_epoch_computes_its_losses_with_bootmae_loss(monkeypatch):
+    """Training's loss is bootmae_loss, the function checked against the release: called once per micro-step
+    (here 2, accumulated into one step), with --weight_mask, and its values are the ones the loop logs."""
+    import engine_for_pretraining
+    calls = []
+    real = engine_for_pretraining.bootmae_loss
+
+    def counting(*args, **kwargs):
+        pix, fea = real(*args, **kwargs)
+        calls.append((args[6] if len(args) > 6 else kwargs.get("weight_mask"), pix.item(), fea.item()))
+        return pix, fea
+    monkeypatch.setattr(engine_for_pretraining, "bootmae_loss", counting)
+    args = _engine_args(update_freq=2, weight_mask=True)
+    model, targets, opt, lr, wd = _setup(args)
+    stats = train_one_epoch(model, targets, _batches(2), opt, utils.LossScaler("cpu", fp16=False),
+                            torch.device("cpu"), 1, lr, wd, args)
+    assert stats["steps"] == 1 and len(calls) == 2
+    assert all(weight_mask is True for weight_mask, _, _ in calls)
+    assert stats["pixel_loss"] == pytest.approx(sum(c[1] for c in calls) / 2, rel=1e-6)
+    assert stats["feature_loss"] == pytest.approx(sum(c[2] for c in calls) / 2, rel=1e-6)
+
 
 def test_step_logger_window_and_epoch_means():
     class Writer:

@@ -67,7 +67,8 @@ def _grouped_decay(optimizer):
 def _epoch(args, batches, epoch, steps_per_epoch, amp_dtype=None, ema_offset=0.0, wd_end=None):
     """One ``train_one_epoch`` from a fresh tiny model (test_engine's, seed 0) with its EMA and AdamW; returns
     what it did and what it saw."""
-    model, ema, opt, _, _ = _setup(args)
+    model, momentum_encoder, opt, _, _ = _setup(args)
+    ema = momentum_encoder.ema
     if ema_offset:
         # an EMA far from the online model, so that its update shows the momentum used
         g = torch.Generator().manual_seed(5)
@@ -85,8 +86,8 @@ def _epoch(args, batches, epoch, steps_per_epoch, amp_dtype=None, ema_offset=0.0
     outputs = _capture_outputs(model)
     steps = _record_steps(opt, model)
     lr, wd = _schedules(args, steps_per_epoch, wd_end=wd_end)
-    stats = train_one_epoch(model, ema, batches, opt, utils.LossScaler("cpu", fp16=False), CPU, epoch, lr, wd,
-                            args, amp_dtype=amp_dtype)
+    stats = train_one_epoch(model, momentum_encoder, batches, opt, utils.LossScaler("cpu", fp16=False), CPU, epoch,
+                            lr, wd, args, amp_dtype=amp_dtype)
     return dict(stats=stats, model=model, ema=ema, opt=opt, ema_before=ema_before, ema_updates=ema_updates,
                 reference=reference, targets=targets, outputs=outputs, steps=steps, lr=lr, wd=wd,
                 decayed=decayed, undecayed=undecayed)
