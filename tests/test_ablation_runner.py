@@ -218,3 +218,22 @@ def test_every_script_runs_in_smoke_mode(tmp_path):
     assert (f"| feature target (fixed MAE encoder), block-wise masking | MAE feature + `--target_encoder fixed "
             f"--target_checkpoint <paper_t1/mae_800 checkpoint> --mask_type block` | 83.6 | "
             f"{t3['finetune_top1']:.2f} |") in gather.stdout
+
+
+def test_no_pretraining_checkpoint_opens_with_plain_torch_load(tmp_path):
+    """A "no pretraining" row's freshly initialised checkpoint: written atomically, args as plain values, so a
+    plain torch.load (weights_only by default) opens it, and the encoder loads back into the same model."""
+    import torch
+    import run_pretraining
+    args = run_pretraining.get_args_parser().parse_args(
+        ["--model", "bootmae_tiny", "--input_size", "32", "--patch_size", "4", "--seed", "3"])
+    path = str(tmp_path / "init" / "checkpoint-init.pth")
+    run_table.init_checkpoint(args, path)
+    assert sorted(os.listdir(tmp_path / "init")) == ["checkpoint-init.pth"]   # no temporary file left
+    ckpt = torch.load(path)
+    assert ckpt["epoch"] == -1 and isinstance(ckpt["args"], dict) and ckpt["args"]["seed"] == 3
+    model = run_pretraining.build_model(args)
+    model.load_state_dict(ckpt["model"])
+    torch.manual_seed(3)
+    again = run_pretraining.build_model(args).state_dict()
+    assert all(torch.equal(again[k], v) for k, v in ckpt["model"].items())

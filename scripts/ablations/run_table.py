@@ -258,9 +258,8 @@ def init_checkpoint(args, path):
     import torch
     torch.manual_seed(args.seed)
     model = run_pretraining.build_model(args)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    utils.save_on_master({"model": model.state_dict(), "epoch": -1, "args": args}, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    # save_on_master writes atomically (temporary file, then rename) and creates the folder
+    utils.save_on_master({"model": model.state_dict(), "epoch": -1, "args": utils.args_dict(args)}, path)
 
 
 def best_top1(log_path):
