@@ -1,0 +1,133 @@
+"""Checkpoint formats: the key names of the authors' release and the encoder tensors of any checkpoint.
+
+``from_release_state_dict`` / ``to_release_state_dict`` / ``is_release_state_dict`` convert BootMAE state dicts
+from and to the release's names (``modeling_bootmae`` exports them, as README documents);
+``encoder_state_dict`` reads the encoder of a checkpoint (ours or the release's, pretraining or fine-tuning),
+``load_encoder`` copies it into a model and ``split_qkv_bias`` adapts MAE's and timm's full qkv bias.
+"""
+import torch
+import torch.nn as nn
+
+from modeling_vit import ENCODER_PREFIXES
+
+# (release prefix, our prefix); the release's block internals already use our names
+_RELEASE_PREFIXES = [
+    ("mask_token_1", "feature_decoder.mask_token"),
+    ("down_1.", "feature_decoder.embed."),
+    ("decode_blocks_1.", "feature_decoder.blocks."),
+    ("decode_norm_1.", "feature_decoder.norm."),
+    ("lm_head_1.", "feature_decoder.head."),
+    ("mask_token", "pixel_decoder.mask_token"),
+    ("down.", "pixel_decoder.embed."),
+    ("decode_blocks.", "pixel_decoder.blocks."),
+    ("decode_norm.", "pixel_decoder.norm."),
+    ("lm_head.", "pixel_decoder.head."),
+]
+# fixed tables the release stores as frozen parameters; here they are recomputed buffers
+_RELEASE_FIXED = ("pos_embed", "de_pos_embed")
+
+
+def is_release_state_dict(state_dict):
+    return any(k.startswith(("decode_blocks.", "down.", "lm_head.")) or k == "mask_token_1" for k in state_dict)
+
+
+def from_release_state_dict(state_dict):
+    """Release key names -> ours (the fixed position tables are dropped)."""
+    out = {}
+    for key, value in state_dict.items():
+        if key in _RELEASE_FIXED:
+            continue
+        for old, new in _RELEASE_PREFIXES:
+            if key == old or key.startswith(old) and old.endswith("."):
+                key = new + key[len(old):]
+                break
+        out[key] = value
+    return out
+
+
+def to_release_state_dict(model_or_state_dict, model=None):
+    """Our state dict (or model) -> the release's key names, position tables included, so the release's
+    code loads it with its own ``load_state_dict``."""
+    if isinstance(model_or_state_dict, nn.Module):
+        model = model_or_state_dict
+        state_dict = model.state_dict()
+    else:
+        state_dict = model_or_state_dict
+    out = {}
+    for key, value in state_dict.items():
+        for old, new in _RELEASE_PREFIXES:
+            if key.startswith(new):
+                key = old + key[len(new):]
+                break
+        out[key] = value
+    if model is not None:
+        out["pos_embed"] = model.pos_embed.detach().clone()
+        out["de_pos_embed"] = model.decoder_pos_embed.detach().clone()
+    return out
+
+
+
+def encoder_state_dict(checkpoint, model_key="model"):
+    """The encoder tensors of a checkpoint (ours or the release's, pretraining or fine-tuning), in our key
+    names: decoders, heads and the fixed position tables dropped, ``module.``/``encoder.`` prefixes removed.
+
+    ``checkpoint`` is a loaded dict; ``model_key`` may list alternatives separated by '|' ("model|module").
+    Raises ValueError when the checkpoint has no such entry or no encoder tensors.
+    """
+    state = None
+    for key in model_key.split("|"):
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            state = checkpoint[key]
+            break
+    if state is None:
+        if isinstance(checkpoint, dict) and any(torch.is_tensor(v) for v in checkpoint.values()):
+            state = checkpoint  # a bare state dict
+        else:
+            raise ValueError(f"the checkpoint has no '{model_key}' entry (it has: {', '.join(map(str, checkpoint))})")
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "encoder."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        if key.startswith(ENCODER_PREFIXES) and torch.is_tensor(value):
+            out[key] = value
+    if not any(k.startswith("blocks.") for k in out):
+        raise ValueError(f"the checkpoint's '{model_key}' entry holds no encoder tensors (no 'blocks.*' keys)")
+    return out
+
+
+def load_encoder(model, state_dict):
+    """Copies encoder tensors into ``model`` (shapes must match). Returns (loaded, not_in_checkpoint,
+    unused) key lists so the caller can report exactly what was transferred."""
+    own = model.state_dict()
+    loaded, unused = [], []
+    bad = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+    if bad:
+        k = bad[0]
+        raise ValueError(f"the checkpoint's encoder does not fit the model: {k} is {tuple(state_dict[k].shape)} "
+                         f"in the checkpoint but {tuple(own[k].shape)} in the model ({len(bad)} such tensors); "
+                         f"choose the --model of the checkpoint's size")
+    with torch.no_grad():
+        for key, value in state_dict.items():
+            if key in own:
+                own[key].copy_(value)
+                loaded.append(key)
+            else:
+                unused.append(key)
+    missing = [k for k in own if k not in state_dict]
+    return loaded, missing, unused
+
+
+def split_qkv_bias(state_dict):
+    """Encoder tensors of a model with a full qkv bias (MAE's and timm's ``attn.qkv.bias``, [3 * inner]) in
+    this encoder's layout: ``q_bias`` and ``v_bias``. The key bias is dropped, which changes nothing: it adds
+    q . b_k to every logit of a query, and softmax over the keys ignores a constant shift."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith("attn.qkv.bias"):
+            q, _, v = value.chunk(3)
+            out[key[:-len("qkv.bias")] + "q_bias"] = q
+            out[key[:-len("qkv.bias")] + "v_bias"] = v
+        else:
+            out[key] = value
+    return out
