@@ -14,7 +14,9 @@ import torch.nn.functional as F
 import backbone_vit
 import modeling_bootmae
 import utils
-from backbone_vit import ViTPyramid, default_out_indices, layer_decay_param_groups, relative_position_index
+from backbone_vit import ViTPyramid, default_out_indices
+from openmmlab_glue import layer_decay_param_groups
+from vit_layers import relative_position_index
 
 TINY = dict(embed_dim=96, depth=4, num_heads=3)
 
@@ -229,7 +231,7 @@ def test_release_block_matches_beit_formula():
     blk, attn = model.blocks[1], model.blocks[1].attn
     x = torch.randn(2, 1 + 16, 96)
     with torch.no_grad():
-        got = model._release_block(blk, x, (4, 4))
+        got = blk(x, (4, 4))
         h = blk.norm1(x)
         qkv = F.linear(h, attn.qkv.weight, torch.cat([attn.q_bias, torch.zeros_like(attn.v_bias), attn.v_bias]))
         q, k, v = qkv.reshape(2, 17, 3, 3, 32).permute(2, 0, 3, 1, 4)
