@@ -136,11 +136,8 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         inner = self.head_dim * num_heads
         self.qkv = nn.Linear(dim, inner * 3, bias=False)
-        if qkv_bias:
-            self.q_bias = nn.Parameter(torch.zeros(inner))
-            self.v_bias = nn.Parameter(torch.zeros(inner))
-        else:
-            self.q_bias = self.v_bias = None
+        self.q_bias = nn.Parameter(torch.zeros(inner)) if qkv_bias else None
+        self.v_bias = nn.Parameter(torch.zeros(inner)) if qkv_bias else None
         self.window_size = None if window_size is None else tuple(window_size)
         if window_size is not None:
             gh, gw = window_size
@@ -190,11 +187,8 @@ class CrossAttention(nn.Module):
         inner = self.head_dim * num_heads
         self.q = nn.Linear(dim, inner, bias=False)
         self.kv = nn.Linear(context_dim, inner * 2, bias=False)
-        if qkv_bias:
-            self.q_bias = nn.Parameter(torch.zeros(inner))
-            self.v_bias = nn.Parameter(torch.zeros(inner))
-        else:
-            self.q_bias = self.v_bias = None
+        self.q_bias = nn.Parameter(torch.zeros(inner)) if qkv_bias else None
+        self.v_bias = nn.Parameter(torch.zeros(inner)) if qkv_bias else None
         self.attn_drop = attn_drop
         self.proj = nn.Linear(inner, dim)
         self.proj_drop = nn.Dropout(proj_drop)
