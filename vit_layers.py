@@ -3,9 +3,8 @@
 ``DecoderBlock`` and the release's initialisation. The encoder (``modeling_vit``), BootMAE's decoders
 (``modeling_bootmae``) and the downstream backbone (``backbone_vit``) are built from them.
 """
-import functools
 import math
-from functools import partial
+from functools import lru_cache, partial
 
 import torch
 import torch.nn as nn
@@ -107,8 +106,9 @@ def relative_position_index(grid_h, grid_w):
     return index
 
 
-@functools.lru_cache(maxsize=None)
+@lru_cache(maxsize=None)
 def _relative_position_index_on(grid_h, grid_w, device):
+    # one index per grid and device, shared by every block (the forward pass builds none)
     return relative_position_index(grid_h, grid_w).to(device)
 
 

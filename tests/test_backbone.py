@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import backbone_vit
 import modeling_bootmae
 import utils
+import vit_layers
 from backbone_vit import ViTPyramid, default_out_indices
 from openmmlab_glue import layer_decay_param_groups
 from vit_layers import relative_position_index
@@ -242,6 +243,10 @@ def test_release_block_matches_beit_formula():
         ref = x + blk.gamma_1 * a
         ref = ref + blk.gamma_2 * blk.mlp(blk.norm2(ref))
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    # the release layout runs the one Block / Attention forward, through attention() and both its kernels
+    assert type(blk) is modeling_bootmae.Block and type(attn) is vit_layers.Attention
+    with torch.no_grad(), modeling_bootmae.fused_attention(False):
+        torch.testing.assert_close(blk(x, (4, 4)), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_relative_position_index_layout():
@@ -274,6 +279,10 @@ def test_release_upernet_conversion(tmp_path, capsys):
     fresh.load_pretrained(str(out), verbose=False)
     for k, v in backbone.state_dict().items():
         assert torch.equal(fresh.state_dict()[k], v), k
+    x = torch.randn(1, 3, 64, 48)   # another grid than the tables': the resized relative bias and positions
+    with torch.no_grad():
+        for a, b in zip(fresh.eval()(x), backbone.eval()(x)):
+            assert torch.equal(a, b)
 
 
 # ----------------------------------------------------------------------------------------- safe loading
