@@ -214,13 +214,12 @@ def _factory(name, model_class, size, weights_hint):
 
 def _register_models():
     """Registers with timm (and defines here) bootmae_<size> and bootmae_<size>_patch<P>_224 for every size."""
-    kinds = ((lambda size, cfg: f"bootmae_{size}", BootMAE,
-              "load a checkpoint with --resume or from_release"),
-             (lambda size, cfg: f"bootmae_{size}_patch{cfg['patch_size']}_224", VisionTransformerForClassification,
+    kinds = (("bootmae_{size}", BootMAE, "load a checkpoint with --resume or from_release"),
+             ("bootmae_{size}_patch{patch_size}_224", VisionTransformerForClassification,
               "pass a checkpoint with --finetune"))
-    for name_of, model_class, hint in kinds:
+    for name_format, model_class, hint in kinds:
         for size, cfg in MODEL_SIZES.items():
-            name = name_of(size, cfg)
+            name = name_format.format(size=size, **cfg)
             globals()[name] = register_model(_factory(name, model_class, size, hint))
 
 
