@@ -167,11 +167,8 @@ def cosine_scheduler(base_value, final_value, epochs, steps_per_epoch, warmup_ep
 
 class LossScaler:
     """The GradScaler of a run, kept in checkpoints under ``scaler``: active for fp16 only (for bf16 and float32
-    its calls pass through). The pretraining loop calls ``scaler`` in the open (scale -> backward; on the update
-    micro-step unscale_ -> ``clip_grad_norm`` -> step -> update); calling the object does the same in one call.
-
-    Returns the gradient norm as a tensor (no host sync); None when the step is skipped for accumulation.
-    """
+    its calls pass through). The training loops call ``scaler`` in the open (scale -> backward; on the update
+    micro-step unscale_ -> ``clip_grad_norm`` -> step -> update)."""
     state_dict_key = "scaler"
 
     def __init__(self, device_type, fp16):
@@ -186,21 +183,6 @@ class LossScaler:
             return torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
         grads = [p.grad for p in parameters if p.grad is not None]
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-
-    def __call__(self, loss, optimizer, parameters, clip_grad=None, update_grad=True, sync=True, model=None):
-        parameters = [p for p in parameters if p.requires_grad]
-        if sync or model is None:
-            self.scaler.scale(loss).backward()
-        else:
-            with model.no_sync():  # accumulate locally, all-reduce only on the update step
-                self.scaler.scale(loss).backward()
-        if not update_grad:
-            return None
-        self.scaler.unscale_(optimizer)
-        norm = self.clip_grad_norm(parameters, clip_grad)
-        self.scaler.step(optimizer)
-        self.scaler.update()
-        return norm
 
     def state_dict(self):
         return self.scaler.state_dict()
