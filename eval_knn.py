@@ -19,6 +19,7 @@ import os
 
 import torch
 
+import checkpoints
 import knn
 import pretrained
 import utils
@@ -83,9 +84,9 @@ def main(args):
     if args.output_dir:
         if utils.is_main_process():
             os.makedirs(args.output_dir, exist_ok=True)
-        utils.append_log(args.output_dir, {"knn_top1": result["top1"], "knn_top5": result["top5"],
-                                           "checkpoint": args.checkpoint, "model_key": args.model_key,
-                                           "k": args.k, "temperature": args.temperature, "pool": args.pool})
+        checkpoints.append_log(args.output_dir, {"knn_top1": result["top1"], "knn_top5": result["top5"],
+                                                 "checkpoint": args.checkpoint, "model_key": args.model_key,
+                                                 "k": args.k, "temperature": args.temperature, "pool": args.pool})
     return result
 
 

@@ -1,5 +1,6 @@
 """The pretrained encoder for the downstream jobs (fine-tuning, linear probing, kNN): model names, the plain
 encoder, and loading a checkpoint's encoder with a report of what was transferred."""
+import checkpoints
 import modeling_bootmae
 import utils
 
@@ -41,7 +42,7 @@ def load_pretrained_encoder(model, path, model_key="model|module"):
 
     Bad input (missing file, unreadable file, no encoder tensors, another model size) raises UsageError.
     """
-    checkpoint = utils.load_checkpoint(path)
+    checkpoint = checkpoints.load_checkpoint(path)
     try:
         state = modeling_bootmae.encoder_state_dict(checkpoint, model_key)
         loaded, missing, unused = modeling_bootmae.load_encoder(model, state)

@@ -23,6 +23,7 @@ from timm.models import create_model
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
+import checkpoints
 import datasets
 import finetune_deepspeed
 import modeling_bootmae
@@ -315,7 +316,7 @@ def load_classifier(model, state_dict, path, what="model"):
 
 
 def find_resume(args):
-    path, ckpt = utils.load_resume_checkpoint(args.resume, args.output_dir, args.auto_resume)
+    path, ckpt = checkpoints.load_resume_checkpoint(args.resume, args.output_dir, args.auto_resume)
     if ckpt is None:
         return None, None
     if isinstance(ckpt, dict) and not isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("module"), dict):
@@ -336,7 +337,7 @@ def load_optimizer_state(optimizer, ckpt, path):
         utils.print0(f"resume: {path} has no optimizer state (a DeepSpeed run's plain file, or weights only); "
                      f"AdamW moments restart")
         return
-    if not utils.optimizer_state_fits(optimizer, ckpt["optimizer"]):
+    if not checkpoints.optimizer_state_fits(optimizer, ckpt["optimizer"]):
         utils.print0(f"resume: the optimizer state in {path} does not match this model's parameter groups; AdamW "
                      f"moments restart")
         return
@@ -353,7 +354,7 @@ def load_optimizer_state(optimizer, ckpt, path):
 def save_checkpoints(args, epoch, model, optimizer, loss_scaler, model_ema, best, is_best, engine=None):
     """checkpoint-<epoch>.pth every --save_ckpt_freq epochs and at the end, checkpoint-best.pth when the accuracy
     improved, then checkpoint-last.pth every epoch (last, so that a run killed before it repeats the whole
-    epoch), each written atomically (utils.save_on_master); ``args`` is stored as a plain dict.
+    epoch), each written atomically (checkpoints.save_on_master); ``args`` is stored as a plain dict.
 
     Plain runs store model, optimizer, scaler, model_ema, epoch, best accuracy and args. DeepSpeed runs
     first save the engine (ZeRO partitions, optimizer) under ``deepspeed/epoch-<epoch>/``, then the plain
@@ -365,7 +366,8 @@ def save_checkpoints(args, epoch, model, optimizer, loss_scaler, model_ema, best
     if args.save_ckpt_freq > 0 and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs):
         names.insert(0, f"checkpoint-{epoch}.pth")
     names.append("checkpoint-last.pth")
-    ckpt = {"epoch": epoch, "max_accuracy": best["acc1"], "best_epoch": best["epoch"], "args": utils.args_dict(args)}
+    ckpt = {"epoch": epoch, "max_accuracy": best["acc1"], "best_epoch": best["epoch"],
+            "args": checkpoints.args_dict(args)}
     if engine is None:
         ckpt.update(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=loss_scaler.state_dict())
     else:
@@ -373,7 +375,7 @@ def save_checkpoints(args, epoch, model, optimizer, loss_scaler, model_ema, best
     if model_ema is not None:
         ckpt["model_ema"] = model_ema.module.state_dict()
     for name in names:
-        utils.save_on_master(ckpt, os.path.join(args.output_dir, name))
+        checkpoints.save_on_master(ckpt, os.path.join(args.output_dir, name))
     if engine is not None:
         finetune_deepspeed.prune_tags(args.output_dir, keep_epochs={epoch, best["epoch"]})
 
@@ -481,8 +483,8 @@ def resume_position(args, ckpt, resume_path):
         else:
             utils.print0(f"resume: {resume_path} has no epoch number; its weights start epoch {start_epoch}")
         utils.print0(f"resume: continuing at epoch {start_epoch}")
-        utils.warn_schedule_changes(args, ckpt, resume_path, SCHEDULE_FLAGS)
-    utils.remove_stale_temporaries(args.output_dir)
+        checkpoints.warn_schedule_changes(args, ckpt, resume_path, SCHEDULE_FLAGS)
+    checkpoints.remove_stale_temporaries(args.output_dir)
     return start_epoch, best
 
 
@@ -556,7 +558,8 @@ def main(args):
     start_epoch, best = resume_position(args, ckpt, resume_path)
     mixup_fn, criterion = build_criterion(args)
     # the output folder and the TensorBoard events file appear with the run's first record (LazySummaryWriter,
-    # utils.append_log, utils.save_on_master): a run that fails before it has anything to write leaves nothing
+    # checkpoints.append_log, checkpoints.save_on_master): a run that fails before it has anything to write leaves
+    # nothing
     log_writer = (utils.LazySummaryWriter(args.log_dir or args.output_dir)
                   if utils.is_main_process() and args.output_dir else None)
     if log_writer is not None and engine is not None:
@@ -579,8 +582,8 @@ def main(args):
             record.update(test_record)
         record.update(max_accuracy=best["acc1"], n_parameters=n_parameters)
         # the epoch's record, then its checkpoints: a run killed before checkpoint-last.pth moves on repeats
-        # the epoch, and its first record replaces the one left behind (utils.append_log)
-        utils.append_log(args.output_dir, record)
+        # the epoch, and its first record replaces the one left behind (checkpoints.append_log)
+        checkpoints.append_log(args.output_dir, record)
         save_checkpoints(args, epoch, model_without_ddp, optimizer, loss_scaler, model_ema, best, is_best, engine)
         if log_writer is not None:
             log_writer.flush()
