@@ -265,3 +265,77 @@ def warn_schedule_changes(args, ckpt, path, fields, accumulation="update_freq"):
                      f"weight-decay schedules are rebuilt from this run's values, so the remaining epochs do not "
                      f"continue the curve the trained ones followed (pass the checkpoint's values to continue it)")
     return changes
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fine-tuning's classifier checkpoints
+
+def classifier_state(state_dict):
+    """A classifier state dict from a checkpoint's entry: ``module.`` prefixes removed and the release's
+    stored sin-cos table dropped (here it is a buffer recomputed from the input grid)."""
+    out = {}
+    for key, value in state_dict.items():
+        while key.startswith("module."):
+            key = key[len("module."):]
+        if key != "pos_embed":
+            out[key] = value
+    return out
+
+
+def load_classifier(model, state_dict, path, what="model"):
+    """Loads a fine-tuning checkpoint's ``what`` entry into the classifier ``model``; a checkpoint of another
+    model, size or number of classes (or a pretraining checkpoint) raises UsageError naming the first mismatch."""
+    state = classifier_state(state_dict)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    bad = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or bad:
+        if bad:
+            k = bad[0]
+            detail = f"{k} is {tuple(state[k].shape)} in the checkpoint but {tuple(own[k].shape)} here"
+            if k.startswith("head."):
+                detail += f" (the checkpoint's head has {state[k].shape[0]} classes: set --nb_classes to it)"
+        elif unexpected and any(k.startswith(("pixel_decoder.", "feature_decoder.", "decode_blocks", "down."))
+                                for k in unexpected):
+            detail = "it is a pretraining checkpoint; pass it to --finetune, not --resume"
+        else:
+            detail = (f"{len(missing)} missing (e.g. {', '.join(missing[:3]) or '-'}), {len(unexpected)} unexpected "
+                      f"(e.g. {', '.join(unexpected[:3]) or '-'})")
+        raise utils.UsageError(f"{path}: its {what} does not fit --model {model.default_cfg_name}: {detail}")
+    model.load_state_dict(state)
+
+
+def load_classifier_resume(args):
+    """(path, checkpoint) of the fine-tuning run to resume (--resume, or auto-resume in --output_dir), or
+    (None, None); the release's DeepSpeed files ('module' entry) are read as ours ('model')."""
+    path, ckpt = load_resume_checkpoint(args.resume, args.output_dir, args.auto_resume)
+    if ckpt is None:
+        return None, None
+    if isinstance(ckpt, dict) and not isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("module"), dict):
+        # the release's DeepSpeed runs saved the classifier as 'module' (mp_rank_00_model_states.pt)
+        ckpt = {**ckpt, "model": ckpt["module"]}
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise utils.UsageError(f"{path} has no 'model' entry; give a fine-tuning checkpoint (checkpoint-*.pth)")
+    return path, ckpt
+
+
+def load_optimizer_state(optimizer, ckpt, path):
+    """Restores a fine-tuning checkpoint's AdamW state when it fits ``optimizer`` (else the moments restart), keeping
+    this command line's per-group ``lr_scale`` and ``layer_id``."""
+    if "optimizer" not in ckpt:
+        utils.print0(f"resume: {path} has no optimizer state (a DeepSpeed run's plain file, or weights only); "
+                     f"AdamW moments restart")
+        return
+    if not optimizer_state_fits(optimizer, ckpt["optimizer"]):
+        utils.print0(f"resume: the optimizer state in {path} does not match this model's parameter groups; AdamW "
+                     f"moments restart")
+        return
+    # the checkpoint would also overwrite each group's lr_scale; keep the ones of this command line
+    scales = [(g.get("lr_scale"), g.get("layer_id")) for g in optimizer.param_groups]
+    optimizer.load_state_dict(ckpt["optimizer"])
+    for g, (scale, layer_id) in zip(optimizer.param_groups, scales):
+        if scale is not None:
+            g["lr_scale"] = scale
+        if layer_id is not None:
+            g["layer_id"] = layer_id

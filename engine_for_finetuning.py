@@ -1,5 +1,7 @@
-"""One fine-tuning epoch (plain DDP + autocast, or a DeepSpeed engine) and top-1/top-5 evaluation."""
+"""One fine-tuning epoch (plain DDP + autocast, or a DeepSpeed engine) and top-1/top-5 evaluation (of a checkpoint
+with --eval, of the model and its EMA after each epoch)."""
 import contextlib
+import json
 import time
 
 import torch
@@ -151,3 +153,43 @@ def evaluate(data_loader, model, device=None, amp_dtype=None, distributed=False,
     count = max(count, 1.0)
     return {"acc1": 100.0 * correct1 / count, "acc5": 100.0 * correct5 / count, "loss": loss_sum / count,
             "correct1": int(correct1), "num_images": int(count)}
+
+
+def evaluate_epoch(args, epoch, val_loader, model, model_ema, device, eval_amp, best, log_writer):
+    """The epoch's validation record (the model's and the EMA's accuracy) and whether it is the best so far
+    (``best`` is updated)."""
+    test_stats = evaluate(val_loader, model, device, eval_amp, args.dist_eval)
+    record = {f"test_{k}": v for k, v in test_stats.items()}
+    accs = [test_stats["acc1"]]
+    if model_ema is not None:
+        ema_stats = evaluate(val_loader, model_ema.module, device, eval_amp, args.dist_eval)
+        record.update({f"test_ema_{k}": v for k, v in ema_stats.items()})
+        accs.append(ema_stats["acc1"])
+    is_best = False
+    if max(accs) > best["acc1"] or best["epoch"] is None:
+        best.update(acc1=max(accs), epoch=epoch)
+        is_best = True
+    utils.print0(f"epoch {epoch}: Acc@1 {test_stats['acc1']:.3f} Acc@5 {test_stats['acc5']:.3f} loss "
+                 f"{test_stats['loss']:.4f} on {test_stats['num_images']} images"
+                 + (f"  EMA Acc@1 {record['test_ema_acc1']:.3f}" if model_ema is not None else "")
+                 + f"  (max {best['acc1']:.3f}, epoch {best['epoch']})")
+    if log_writer is not None:
+        for k in ("acc1", "acc5", "loss"):
+            log_writer.add_scalar(f"perf/test_{k}", test_stats[k], epoch)
+            if model_ema is not None:
+                log_writer.add_scalar(f"perf/test_ema_{k}", record[f"test_ema_{k}"], epoch)
+    return record, is_best
+
+
+def evaluate_checkpoint(args, val_loader, model, model_ema, device, eval_amp, ds_dtype, ckpt, resume_path):
+    """--eval: the accuracy of the resumed weights (and of their EMA), printed and returned."""
+    model.to(ds_dtype if args.enable_deepspeed else torch.float32)
+    results = {"checkpoint": resume_path, **evaluate(val_loader, model, device, eval_amp, args.dist_eval)}
+    if model_ema is not None and "model_ema" in ckpt:
+        ema = evaluate(val_loader, model_ema.module, device, eval_amp, args.dist_eval)
+        results.update({f"ema_{k}": v for k, v in ema.items()})
+    utils.print0(f"* Acc@1 {results['acc1']:.3f} Acc@5 {results['acc5']:.3f} loss {results['loss']:.3f} "
+                 f"on {results['num_images']} images"
+                 + (f"  (EMA: Acc@1 {results['ema_acc1']:.3f})" if "ema_acc1" in results else ""))
+    utils.print0("eval: " + json.dumps(results))
+    return results

@@ -28,7 +28,8 @@ import datasets
 import finetune_deepspeed
 import modeling_bootmae
 import utils
-from engine_for_finetuning import evaluate, train_one_epoch
+from checkpoints import load_classifier, load_classifier_resume, load_optimizer_state
+from engine_for_finetuning import evaluate_checkpoint, evaluate_epoch, train_one_epoch
 from optim_factory import adamw, finetune_param_groups
 from pretrained import load_pretrained_encoder
 
@@ -281,74 +282,10 @@ def build_loaders(args, device):
 # ---------------------------------------------------------------------------------------------------------
 # checkpoints
 
-def classifier_state(state_dict):
-    """A classifier state dict from a checkpoint's entry: ``module.`` prefixes removed and the release's
-    stored sin-cos table dropped (here it is a buffer recomputed from the input grid)."""
-    out = {}
-    for key, value in state_dict.items():
-        while key.startswith("module."):
-            key = key[len("module."):]
-        if key != "pos_embed":
-            out[key] = value
-    return out
-
-
-def load_classifier(model, state_dict, path, what="model"):
-    state = classifier_state(state_dict)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    bad = [k for k in state if k in own and state[k].shape != own[k].shape]
-    if missing or unexpected or bad:
-        if bad:
-            k = bad[0]
-            detail = f"{k} is {tuple(state[k].shape)} in the checkpoint but {tuple(own[k].shape)} here"
-            if k.startswith("head."):
-                detail += f" (the checkpoint's head has {state[k].shape[0]} classes: set --nb_classes to it)"
-        elif unexpected and any(k.startswith(("pixel_decoder.", "feature_decoder.", "decode_blocks", "down."))
-                                for k in unexpected):
-            detail = "it is a pretraining checkpoint; pass it to --finetune, not --resume"
-        else:
-            detail = (f"{len(missing)} missing (e.g. {', '.join(missing[:3]) or '-'}), {len(unexpected)} unexpected "
-                      f"(e.g. {', '.join(unexpected[:3]) or '-'})")
-        raise utils.UsageError(f"{path}: its {what} does not fit --model {model.default_cfg_name}: {detail}")
-    model.load_state_dict(state)
-
-
-def find_resume(args):
-    path, ckpt = checkpoints.load_resume_checkpoint(args.resume, args.output_dir, args.auto_resume)
-    if ckpt is None:
-        return None, None
-    if isinstance(ckpt, dict) and not isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("module"), dict):
-        # the release's DeepSpeed runs saved the classifier as 'module' (mp_rank_00_model_states.pt)
-        ckpt = {**ckpt, "model": ckpt["module"]}
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise utils.UsageError(f"{path} has no 'model' entry; give a fine-tuning checkpoint (checkpoint-*.pth)")
-    return path, ckpt
-
 
 # the flags that define the lr and weight-decay schedules (with the total batch)
 SCHEDULE_FLAGS = ("epochs", "warmup_epochs", "warmup_steps", "lr", "min_lr", "warmup_lr", "weight_decay",
                   "weight_decay_end")
-
-
-def load_optimizer_state(optimizer, ckpt, path):
-    if "optimizer" not in ckpt:
-        utils.print0(f"resume: {path} has no optimizer state (a DeepSpeed run's plain file, or weights only); "
-                     f"AdamW moments restart")
-        return
-    if not checkpoints.optimizer_state_fits(optimizer, ckpt["optimizer"]):
-        utils.print0(f"resume: the optimizer state in {path} does not match this model's parameter groups; AdamW "
-                     f"moments restart")
-        return
-    # the checkpoint would also overwrite each group's lr_scale; keep the ones of this command line
-    scales = [(g.get("lr_scale"), g.get("layer_id")) for g in optimizer.param_groups]
-    optimizer.load_state_dict(ckpt["optimizer"])
-    for g, (scale, layer_id) in zip(optimizer.param_groups, scales):
-        if scale is not None:
-            g["lr_scale"] = scale
-        if layer_id is not None:
-            g["layer_id"] = layer_id
 
 
 def save_checkpoints(args, epoch, model, optimizer, loss_scaler, model_ema, best, is_best, engine=None):
@@ -395,7 +332,7 @@ def build_model(args, device):
     model.default_cfg_name = args.model
     utils.print0(f"model: {args.model}, {modeling_bootmae.count_trainable(model):,} trainable parameters, "
                  f"{args.input_size} px input in {args.patch_size} px patches")
-    resume_path, ckpt = find_resume(args)
+    resume_path, ckpt = load_classifier_resume(args)
     if args.eval and ckpt is None:
         raise utils.UsageError("--eval needs the weights to evaluate: pass --resume <fine-tuned checkpoint> (or "
                                "--output_dir of a run); --finetune loads only a pretrained encoder")
@@ -417,20 +354,6 @@ def build_model(args, device):
         elif ckpt is not None:
             utils.print0(f"resume: {resume_path} has no model_ema; the EMA restarts from the model")
     return model, model_ema, resume_path, ckpt
-
-
-def evaluate_checkpoint(args, val_loader, model, model_ema, device, eval_amp, ds_dtype, ckpt, resume_path):
-    """--eval: the accuracy of the resumed weights (and of their EMA), printed and returned."""
-    model.to(ds_dtype if args.enable_deepspeed else torch.float32)
-    results = {"checkpoint": resume_path, **evaluate(val_loader, model, device, eval_amp, args.dist_eval)}
-    if model_ema is not None and "model_ema" in ckpt:
-        ema = evaluate(val_loader, model_ema.module, device, eval_amp, args.dist_eval)
-        results.update({f"ema_{k}": v for k, v in ema.items()})
-    utils.print0(f"* Acc@1 {results['acc1']:.3f} Acc@5 {results['acc5']:.3f} loss {results['loss']:.3f} "
-                 f"on {results['num_images']} images"
-                 + (f"  (EMA: Acc@1 {results['ema_acc1']:.3f})" if "ema_acc1" in results else ""))
-    utils.print0("eval: " + json.dumps(results))
-    return results
 
 
 def build_schedules(args, model, steps_per_epoch, world):
@@ -499,32 +422,6 @@ def build_criterion(args):
     if args.smoothing > 0:
         return None, LabelSmoothingCrossEntropy(smoothing=args.smoothing)
     return None, torch.nn.CrossEntropyLoss()
-
-
-def evaluate_epoch(args, epoch, val_loader, model, model_ema, device, eval_amp, best, log_writer):
-    """The epoch's validation record (the model's and the EMA's accuracy) and whether it is the best so far
-    (``best`` is updated)."""
-    test_stats = evaluate(val_loader, model, device, eval_amp, args.dist_eval)
-    record = {f"test_{k}": v for k, v in test_stats.items()}
-    accs = [test_stats["acc1"]]
-    if model_ema is not None:
-        ema_stats = evaluate(val_loader, model_ema.module, device, eval_amp, args.dist_eval)
-        record.update({f"test_ema_{k}": v for k, v in ema_stats.items()})
-        accs.append(ema_stats["acc1"])
-    is_best = False
-    if max(accs) > best["acc1"] or best["epoch"] is None:
-        best.update(acc1=max(accs), epoch=epoch)
-        is_best = True
-    utils.print0(f"epoch {epoch}: Acc@1 {test_stats['acc1']:.3f} Acc@5 {test_stats['acc5']:.3f} loss "
-                 f"{test_stats['loss']:.4f} on {test_stats['num_images']} images"
-                 + (f"  EMA Acc@1 {record['test_ema_acc1']:.3f}" if model_ema is not None else "")
-                 + f"  (max {best['acc1']:.3f}, epoch {best['epoch']})")
-    if log_writer is not None:
-        for k in ("acc1", "acc5", "loss"):
-            log_writer.add_scalar(f"perf/test_{k}", test_stats[k], epoch)
-            if model_ema is not None:
-                log_writer.add_scalar(f"perf/test_ema_{k}", record[f"test_ema_{k}"], epoch)
-    return record, is_best
 
 
 def main(args):
