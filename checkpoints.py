@@ -11,6 +11,7 @@ import re
 import numpy as np
 import torch
 
+import modeling_bootmae
 import utils
 
 
@@ -339,3 +340,37 @@ def load_optimizer_state(optimizer, ckpt, path):
             g["lr_scale"] = scale
         if layer_id is not None:
             g["layer_id"] = layer_id
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the pretrained encoder of the downstream jobs (fine-tuning, linear probing, kNN)
+
+def load_pretrained_encoder(model, path, model_key="model|module", new=None):
+    """Loads the encoder of a checkpoint (ours or the release's; pretraining or fine-tuning) into ``model``
+    and prints exactly what was transferred. Returns (loaded, not_in_checkpoint, unused) key lists.
+
+    ``new``: prefixes of the tensors of ``model`` that the checkpoint need not hold (the probe's fc_norm and
+    head); with it, a checkpoint that leaves any other tensor uninitialised is refused, and an absent final
+    norm (``norm.*``, allowed where ``new`` names it: a fine-tuned mean-pooling model has none) is reported.
+    Bad input (missing file, unreadable file, no encoder tensors, another model size) raises UsageError.
+    """
+    checkpoint = load_checkpoint(path)
+    try:
+        state = modeling_bootmae.encoder_state_dict(checkpoint, model_key)
+        loaded, missing, unused = modeling_bootmae.load_encoder(model, state)
+    except ValueError as e:
+        raise utils.UsageError(f"{path}: {e}") from e
+    utils.print0(f"loaded {len(loaded)} encoder tensors from {path} (entry '{model_key}')")
+    utils.print0(f"  newly initialised (not in the checkpoint): {', '.join(missing) or 'none'}")
+    if unused:
+        shown = ", ".join(unused[:8]) + (f", ... ({len(unused) - 8} more)" if len(unused) > 8 else "")
+        utils.print0(f"  in the checkpoint but not used ({len(unused)}): {shown}")
+    if new is not None:
+        lacking = [k for k in missing if not k.startswith(tuple(new))]
+        if lacking:
+            raise utils.UsageError(f"{path} lacks {len(lacking)} encoder tensors of this model (e.g. {lacking[0]}); "
+                                   f"pass the --model of the checkpoint's size")
+        if any(k.startswith("norm.") for k in missing):
+            utils.print0(f"warning: {path} has no final norm ('norm.*'); features use an identity-initialised "
+                         f"LayerNorm")
+    return loaded, missing, unused

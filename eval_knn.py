@@ -71,7 +71,7 @@ def main(args):
     train_set, _ = build_dataset(True, args)
     val_set, _ = build_dataset(False, args)
     model = pretrained.build_encoder(size, args.input_size, args.patch_size)
-    pretrained.load_encoder_checked(model, args.checkpoint, args.model_key)
+    checkpoints.load_pretrained_encoder(model, args.checkpoint, args.model_key, new=("norm.",))
     model.to(device)
     pin = device.type == "cuda"
     train_loader = knn.build_loader(train_set, args.batch_size, args.num_workers, pin)

@@ -45,7 +45,7 @@ import engine_for_finetuning
 import modeling_bootmae  # noqa: F401  (registers the bootmae_* models with timm)
 import utils
 from datasets import build_dataset, build_eval_transform, mean_std
-from pretrained import load_pretrained_encoder, parse_model_size
+from pretrained import parse_model_size
 
 
 def get_args_parser():
@@ -80,7 +80,8 @@ def get_args_parser():
                    help="autocast for the frozen encoder (default: bf16 on CUDA, none on CPU); the head is float32")
 
     # checkpoints
-    p.add_argument("--finetune", default="", help="pretrained checkpoint whose encoder is probed (ours or the release's)")
+    p.add_argument("--finetune", default="",
+                   help="pretrained checkpoint whose encoder is probed (ours or the release's)")
     p.add_argument("--model_key", default="model|module",
                    help="checkpoint entries to try, '|'-separated ('model' = the online encoder, as the release "
                         "probes; 'model_ema' = the momentum encoder)")
@@ -218,11 +219,7 @@ def build_probe(args, nb_classes):
 def load_probe_encoder(model, path, model_key):
     """Encoder tensors from the pretrained checkpoint; blocks beyond --depth are left out. Refuses a
     checkpoint that does not fill every encoder tensor the probe uses (only fc_norm and head are new)."""
-    _, missing, _ = load_pretrained_encoder(model, path, model_key)
-    essential = [k for k in missing if not k.startswith(("fc_norm.", "head."))]
-    if essential:
-        raise utils.UsageError(f"{path} lacks {len(essential)} encoder tensors the probe needs (e.g. {essential[0]}); "
-                               f"pass the --model of the checkpoint's size")
+    checkpoints.load_pretrained_encoder(model, path, model_key, new=("fc_norm.", "head."))
 
 
 def build_optimizer(head, args):
@@ -326,8 +323,8 @@ def load_head(model, ckpt, path):
                                f"give a checkpoint written by main_linprobe.py")
     bad = [k for k in own if own[k].shape != head[k].shape]
     if bad:
-        raise utils.UsageError(f"{path}: head.{bad[0]} is {tuple(head[bad[0]].shape)} there but {tuple(own[bad[0]].shape)} "
-                               f"here; pass the --model and --nb_classes it was trained with")
+        raise utils.UsageError(f"{path}: head.{bad[0]} is {tuple(head[bad[0]].shape)} there but "
+                               f"{tuple(own[bad[0]].shape)} here; pass the --model and --nb_classes it was trained with")
     model.head.load_state_dict(head)
 
 

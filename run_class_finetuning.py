@@ -28,10 +28,9 @@ import datasets
 import finetune_deepspeed
 import modeling_bootmae
 import utils
-from checkpoints import load_classifier, load_classifier_resume, load_optimizer_state
+from checkpoints import load_classifier, load_classifier_resume, load_optimizer_state, load_pretrained_encoder
 from engine_for_finetuning import evaluate_checkpoint, evaluate_epoch, train_one_epoch
 from optim_factory import adamw, finetune_param_groups
-from pretrained import load_pretrained_encoder
 
 # the classifiers registered by modeling_bootmae, by size
 CLASSIFIERS = {f"bootmae_{size}_patch{cfg['patch_size']}_224": size

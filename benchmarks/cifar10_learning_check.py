@@ -56,7 +56,7 @@ def run(cmd, log_path):
 def knn_of_checkpoint(args, path):
     train_set, val_set = eval_sets(args)
     model = pretrained.build_encoder("tiny", 32, args.patch_size)
-    pretrained.load_encoder_checked(model, path, "model_ema|model")
+    checkpoints.load_pretrained_encoder(model, path, "model_ema|model", new=("norm.",))
     loaders = [knn.build_loader(s, 500, 0) for s in (train_set, val_set)]
     return knn.knn_accuracy(model, *loaders, torch.device("cpu"), 20, 0.07, "avg")["top1"]
 

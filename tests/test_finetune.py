@@ -21,7 +21,6 @@ sys.path.insert(0, ROOT)
 import checkpoints  # noqa: E402
 import datasets  # noqa: E402
 import modeling_bootmae as mb  # noqa: E402
-import pretrained  # noqa: E402
 import run_class_finetuning as rcf  # noqa: E402
 import utils  # noqa: E402
 from engine_for_finetuning import evaluate, set_schedules  # noqa: E402
@@ -53,7 +52,7 @@ def test_release_checkpoint_transfers_every_encoder_tensor(tmp_path, capsys):
     path = tmp_path / "release.pth"
     torch.save({"model": release}, path)
     model = mb.VisionTransformerForClassification(**SMALL, num_classes=10)
-    loaded, missing, unused = pretrained.load_pretrained_encoder(model, str(path), "model")
+    loaded, missing, unused = checkpoints.load_pretrained_encoder(model, str(path), "model")
     expected = sorted(k for k in release if k.startswith(ENCODER))
     assert sorted(loaded) == expected
     state = model.state_dict()
@@ -68,7 +67,7 @@ def test_release_checkpoint_transfers_every_encoder_tensor(tmp_path, capsys):
     assert 0.5e-5 < model.head.weight.std().item() < 4e-5
     assert not model.head.bias.any() and bool((model.fc_norm.weight == 1).all())
     with pytest.raises(utils.UsageError, match="no 'model_ema' entry"):
-        pretrained.load_pretrained_encoder(model, str(path), "model_ema")
+        checkpoints.load_pretrained_encoder(model, str(path), "model_ema")
 
 
 def test_own_pretraining_checkpoint_transfers_and_other_input_size(tmp_path):
@@ -82,7 +81,7 @@ def test_own_pretraining_checkpoint_transfers_and_other_input_size(tmp_path):
     for key, source in (("model", pre), ("model_ema", ema)):
         # pretrained on a 4x4 grid, fine-tuned on 8x8: the sin-cos table follows the input grid
         model = mb.VisionTransformerForClassification(**SMALL, num_classes=10).eval()
-        loaded, missing, _ = pretrained.load_pretrained_encoder(model, str(path), key)
+        loaded, missing, _ = checkpoints.load_pretrained_encoder(model, str(path), key)
         src = source.state_dict()
         assert sorted(loaded) == sorted(k for k in src if k.startswith(ENCODER))
         assert all(torch.equal(model.state_dict()[k], src[k]) for k in loaded)
