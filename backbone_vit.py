@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoints
 import modeling_bootmae
 import release_format
 import utils
@@ -257,7 +258,7 @@ def convert(checkpoint_path, output, model_key="model|module"):
     kept = {k: v.detach().clone().contiguous() for k, v in state.items() if k in set(loaded)}
     meta = {"source": os.path.abspath(checkpoint_path), "model_key": model_key, "embed_dim": dim, "depth": depth,
             "patch_size": patch, "release_layout": release}
-    utils.save_on_master({"model": kept, "meta": meta}, output)
+    checkpoints.save_on_master({"model": kept, "meta": meta}, output)
     report = report_loading(checkpoint_path, model_key, loaded, missing, unused)
     return report + f"\nwrote {output}: ViT width {dim}, depth {depth}, patch {patch}" + \
         (f", {heads} heads, with the release's fine-tuning extras" if release else "")
@@ -285,7 +286,7 @@ def convert_release_segmentor(checkpoint_path, output):
                                f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
     meta = {"source": os.path.abspath(checkpoint_path),
             "dataset_meta": (checkpoint.get("meta") or {}).get("dataset_meta", {})}
-    utils.save_on_master({"state_dict": state, "meta": meta}, output)
+    checkpoints.save_on_master({"state_dict": state, "meta": meta}, output)
     heads_ = sorted({k.split(".")[0] for k in state if not k.startswith("backbone.")})
     return (f"converted {len(state)} tensors from {checkpoint_path}: backbone ViT width {dim}, depth {depth}, "
             f"{'release layout' if model.release_layout else 'plain'}; heads: {', '.join(heads_)}\nwrote {output}")

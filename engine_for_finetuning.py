@@ -1,4 +1,7 @@
-"""One fine-tuning epoch (plain DDP + autocast, or a DeepSpeed engine) and top-1/top-5 evaluation."""
+"""One fine-tuning epoch (plain DDP + autocast, or a DeepSpeed engine) and top-1/top-5 evaluation (of a checkpoint
+with --eval, of the model and its EMA after each epoch)."""
+import contextlib
+import json
 import time
 
 import torch
@@ -6,6 +9,7 @@ import torch.nn as nn
 from timm.utils import accuracy
 
 import utils
+from finetune_deepspeed import deepspeed_step
 
 
 def set_schedules(optimizer, lr, weight_decay):
@@ -18,13 +22,31 @@ def set_schedules(optimizer, lr, weight_decay):
             group["weight_decay"] = float(weight_decay)
 
 
+def report_step(logger, optimizer, log_writer, epoch, step, steps_per_epoch, start):
+    """The print interval's line (means since the last one, over ranks) and its TensorBoard scalars."""
+    it = epoch * steps_per_epoch + step
+    means = logger.flush(it)
+    elapsed = time.time() - start
+    eta = elapsed / (step + 1) * (steps_per_epoch - step - 1)
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    if log_writer is not None:
+        log_writer.add_scalar("opt/lr", max(lrs), it)
+        log_writer.add_scalar("opt/min_lr", min(lrs), it)
+    acc = f"  class_acc {means['class_acc']:.4f}" if "class_acc" in means else ""
+    utils.print0(f"Epoch: [{epoch}] [{step + 1:>{len(str(steps_per_epoch))}}/{steps_per_epoch}] "
+                 f"eta {utils.format_seconds(eta)}  lr {max(lrs):.3e} (min {min(lrs):.3e})  "
+                 f"loss {means['loss']:.4f}{acc}  grad_norm {means['grad_norm']:.3f}  "
+                 f"{elapsed / (step + 1):.3f} s/step")
+
+
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, args, lr_schedule, wd_schedule,
                     loss_scaler=None, model_ema=None, mixup_fn=None, log_writer=None, amp_dtype=None,
                     deepspeed_engine=False, input_dtype=None):
     """One epoch over ``data_loader``.
 
-    ``model`` is the (possibly DDP-wrapped) classifier with ``loss_scaler`` a ``utils.LossScaler``, or with
-    ``deepspeed_engine=True`` a DeepSpeed engine (which owns precision, accumulation and clipping;
+    ``model`` is the (possibly DDP-wrapped) classifier with ``loss_scaler`` a ``utils.LossScaler`` (backward; on the
+    update micro-step unscale, clip, optimizer step, scaler update), or with ``deepspeed_engine=True`` a DeepSpeed
+    engine (``finetune_deepspeed.deepspeed_step``: the engine owns precision, accumulation and clipping;
     ``input_dtype`` is its parameters' dtype). ``model_ema`` (timm ``ModelEmaV3`` of the unwrapped model)
     is updated after each optimizer step. ``lr_schedule``/``wd_schedule`` are per-step arrays indexed by
     the global optimisation step, so a resumed run continues them exactly.
@@ -37,9 +59,10 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, arg
     logger = utils.StepLogger(device, names, log_writer)
     # first non-finite step, kept on the device so that no step waits for a host sync
     bad_step = torch.full((1,), -1.0, device=device)
-    header = f"Epoch: [{epoch}]"
     start = time.time()
     if not deepspeed_engine:
+        scaler = loss_scaler.scaler
+        params = [p for p in model.parameters() if p.requires_grad]
         optimizer.zero_grad(set_to_none=True)
     for data_iter, (samples, targets) in enumerate(data_loader):
         step = data_iter // update_freq
@@ -54,27 +77,20 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, arg
             samples, targets = mixup_fn(samples, targets)
         update = (data_iter + 1) % update_freq == 0
         if deepspeed_engine:
-            outputs = model(samples.to(input_dtype))
-            loss = criterion(outputs.float(), targets)
-            # the engine divides the loss by the accumulation steps and steps only on the boundary
-            model.backward(loss)
-            grad_norm = None
-            if update and not (model.fp16_enabled() or model.bfloat16_enabled() or model.zero_optimization()):
-                # fp32 without ZeRO: the engine steps torch's optimizer directly and reports no norm; the
-                # gradients are the parameters' own, already averaged over ranks: measure them before the step
-                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-            model.step()
-            if update and grad_norm is None:
-                norm = model.get_global_grad_norm()
-                grad_norm = None if norm is None else torch.as_tensor(float(norm), device=device)
+            outputs, loss, grad_norm = deepspeed_step(model, criterion, samples, targets, input_dtype, update, device)
         else:
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 outputs = model(samples)
             loss = criterion(outputs.float(), targets)
-            grad_norm = loss_scaler(loss / update_freq, optimizer, parameters=model.parameters(),
-                                    clip_grad=args.clip_grad, update_grad=update,
-                                    sync=update or not hasattr(model, "no_sync"), model=model)
+            # accumulation micro-steps keep their gradients local; the update micro-step all-reduces them (DDP)
+            with model.no_sync() if not update and hasattr(model, "no_sync") else contextlib.nullcontext():
+                scaler.scale(loss / update_freq).backward()
+            grad_norm = None
             if update:
+                scaler.unscale_(optimizer)
+                grad_norm = loss_scaler.clip_grad_norm(params, args.clip_grad)
+                scaler.step(optimizer)   # fp16: skipped when a gradient is inf or NaN, and the scale shrinks
+                scaler.update()
                 optimizer.zero_grad(set_to_none=True)
         if update and model_ema is not None:
             model_ema.update(unwrapped)
@@ -89,18 +105,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, arg
                 raise utils.NonFiniteLossError(
                     f"non-finite loss at step {int(bad_step.item())} (epoch {epoch}); lower --lr, set "
                     f"--clip_grad, or use --amp bf16/none")
-            means = logger.flush(it)
-            elapsed = time.time() - start
-            eta = elapsed / (step + 1) * (steps_per_epoch - step - 1)
-            lrs = [g["lr"] for g in optimizer.param_groups]
-            if log_writer is not None:
-                log_writer.add_scalar("opt/lr", max(lrs), it)
-                log_writer.add_scalar("opt/min_lr", min(lrs), it)
-            acc = f"  class_acc {means['class_acc']:.4f}" if "class_acc" in means else ""
-            utils.print0(f"{header} [{step + 1:>{len(str(steps_per_epoch))}}/{steps_per_epoch}] "
-                         f"eta {utils.format_seconds(eta)}  lr {max(lrs):.3e} (min {min(lrs):.3e})  "
-                         f"loss {means['loss']:.4f}{acc}  grad_norm {means['grad_norm']:.3f}  "
-                         f"{elapsed / (step + 1):.3f} s/step")
+            report_step(logger, optimizer, log_writer, epoch, step, steps_per_epoch, start)
     stats = logger.epoch_means()
     lrs = [g["lr"] for g in optimizer.param_groups]
     stats.update(lr=max(lrs), min_lr=min(lrs),
@@ -148,3 +153,43 @@ def evaluate(data_loader, model, device=None, amp_dtype=None, distributed=False,
     count = max(count, 1.0)
     return {"acc1": 100.0 * correct1 / count, "acc5": 100.0 * correct5 / count, "loss": loss_sum / count,
             "correct1": int(correct1), "num_images": int(count)}
+
+
+def evaluate_epoch(args, epoch, val_loader, model, model_ema, device, eval_amp, best, log_writer):
+    """The epoch's validation record (the model's and the EMA's accuracy) and whether it is the best so far
+    (``best`` is updated)."""
+    test_stats = evaluate(val_loader, model, device, eval_amp, args.dist_eval)
+    record = {f"test_{k}": v for k, v in test_stats.items()}
+    accs = [test_stats["acc1"]]
+    if model_ema is not None:
+        ema_stats = evaluate(val_loader, model_ema.module, device, eval_amp, args.dist_eval)
+        record.update({f"test_ema_{k}": v for k, v in ema_stats.items()})
+        accs.append(ema_stats["acc1"])
+    is_best = False
+    if max(accs) > best["acc1"] or best["epoch"] is None:
+        best.update(acc1=max(accs), epoch=epoch)
+        is_best = True
+    utils.print0(f"epoch {epoch}: Acc@1 {test_stats['acc1']:.3f} Acc@5 {test_stats['acc5']:.3f} loss "
+                 f"{test_stats['loss']:.4f} on {test_stats['num_images']} images"
+                 + (f"  EMA Acc@1 {record['test_ema_acc1']:.3f}" if model_ema is not None else "")
+                 + f"  (max {best['acc1']:.3f}, epoch {best['epoch']})")
+    if log_writer is not None:
+        for k in ("acc1", "acc5", "loss"):
+            log_writer.add_scalar(f"perf/test_{k}", test_stats[k], epoch)
+            if model_ema is not None:
+                log_writer.add_scalar(f"perf/test_ema_{k}", record[f"test_ema_{k}"], epoch)
+    return record, is_best
+
+
+def evaluate_checkpoint(args, val_loader, model, model_ema, device, eval_amp, ds_dtype, ckpt, resume_path):
+    """--eval: the accuracy of the resumed weights (and of their EMA), printed and returned."""
+    model.to(ds_dtype if args.enable_deepspeed else torch.float32)
+    results = {"checkpoint": resume_path, **evaluate(val_loader, model, device, eval_amp, args.dist_eval)}
+    if model_ema is not None and "model_ema" in ckpt:
+        ema = evaluate(val_loader, model_ema.module, device, eval_amp, args.dist_eval)
+        results.update({f"ema_{k}": v for k, v in ema.items()})
+    utils.print0(f"* Acc@1 {results['acc1']:.3f} Acc@5 {results['acc5']:.3f} loss {results['loss']:.3f} "
+                 f"on {results['num_images']} images"
+                 + (f"  (EMA: Acc@1 {results['ema_acc1']:.3f})" if "ema_acc1" in results else ""))
+    utils.print0("eval: " + json.dumps(results))
+    return results

@@ -19,6 +19,7 @@ import os
 
 import torch
 
+import checkpoints
 import knn
 import pretrained
 import utils
@@ -70,7 +71,7 @@ def main(args):
     train_set, _ = build_dataset(True, args)
     val_set, _ = build_dataset(False, args)
     model = pretrained.build_encoder(size, args.input_size, args.patch_size)
-    pretrained.load_encoder_checked(model, args.checkpoint, args.model_key)
+    checkpoints.load_pretrained_encoder(model, args.checkpoint, args.model_key, new=("norm.",))
     model.to(device)
     pin = device.type == "cuda"
     train_loader = knn.build_loader(train_set, args.batch_size, args.num_workers, pin)
@@ -83,9 +84,9 @@ def main(args):
     if args.output_dir:
         if utils.is_main_process():
             os.makedirs(args.output_dir, exist_ok=True)
-        utils.append_log(args.output_dir, {"knn_top1": result["top1"], "knn_top5": result["top5"],
-                                           "checkpoint": args.checkpoint, "model_key": args.model_key,
-                                           "k": args.k, "temperature": args.temperature, "pool": args.pool})
+        checkpoints.append_log(args.output_dir, {"knn_top1": result["top1"], "knn_top5": result["top5"],
+                                                 "checkpoint": args.checkpoint, "model_key": args.model_key,
+                                                 "k": args.k, "temperature": args.temperature, "pool": args.pool})
     return result
 
 

@@ -28,6 +28,7 @@ import sys
 
 import torch
 
+import checkpoints
 import modeling_bootmae
 import utils
 
@@ -150,8 +151,8 @@ def export(checkpoint_path, output_path, model_key="model|module", input_size=No
     """Writes the timm state dict and returns the ``timm.create_model`` line that loads it."""
     import timm
     from datasets import mean_std
-    ckpt = utils.load_checkpoint(checkpoint_path)
-    saved_args = utils.checkpoint_args(ckpt)   # a dict in our checkpoints, a Namespace in the release's
+    ckpt = checkpoints.load_checkpoint(checkpoint_path)
+    saved_args = checkpoints.checkpoint_args(ckpt)   # a dict in our checkpoints, a Namespace in the release's
     # default: the size the encoder was trained at (our checkpoints record it), else 224
     input_size = input_size or getattr(saved_args, "input_size", None) or 224
     state, name, kwargs = to_timm(select_entry(ckpt, model_key), input_size)

@@ -40,11 +40,12 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+import checkpoints
 import engine_for_finetuning
 import modeling_bootmae  # noqa: F401  (registers the bootmae_* models with timm)
 import utils
 from datasets import build_dataset, build_eval_transform, mean_std
-from pretrained import load_pretrained_encoder, parse_model_size
+from pretrained import parse_model_size
 
 
 def get_args_parser():
@@ -79,7 +80,8 @@ def get_args_parser():
                    help="autocast for the frozen encoder (default: bf16 on CUDA, none on CPU); the head is float32")
 
     # checkpoints
-    p.add_argument("--finetune", default="", help="pretrained checkpoint whose encoder is probed (ours or the release's)")
+    p.add_argument("--finetune", default="",
+                   help="pretrained checkpoint whose encoder is probed (ours or the release's)")
     p.add_argument("--model_key", default="model|module",
                    help="checkpoint entries to try, '|'-separated ('model' = the online encoder, as the release "
                         "probes; 'model_ema' = the momentum encoder)")
@@ -138,7 +140,8 @@ def check_args(args):
 
 
 def inherit_from_checkpoint(args, ckpt_args, path):
-    """For --eval: the probe settings left unset are taken from the checkpoint's args (``utils.checkpoint_args``)."""
+    """For --eval: the probe settings left unset are taken from the checkpoint's args
+    (``checkpoints.checkpoint_args``)."""
     saved = vars(ckpt_args)
     for field in _PROBE_FIELDS:
         mine = getattr(args, field)
@@ -216,11 +219,7 @@ def build_probe(args, nb_classes):
 def load_probe_encoder(model, path, model_key):
     """Encoder tensors from the pretrained checkpoint; blocks beyond --depth are left out. Refuses a
     checkpoint that does not fill every encoder tensor the probe uses (only fc_norm and head are new)."""
-    _, missing, _ = load_pretrained_encoder(model, path, model_key)
-    essential = [k for k in missing if not k.startswith(("fc_norm.", "head."))]
-    if essential:
-        raise utils.UsageError(f"{path} lacks {len(essential)} encoder tensors the probe needs (e.g. {essential[0]}); "
-                               f"pass the --model of the checkpoint's size")
+    checkpoints.load_pretrained_encoder(model, path, model_key, new=("fc_norm.", "head."))
 
 
 def build_optimizer(head, args):
@@ -324,18 +323,18 @@ def load_head(model, ckpt, path):
                                f"give a checkpoint written by main_linprobe.py")
     bad = [k for k in own if own[k].shape != head[k].shape]
     if bad:
-        raise utils.UsageError(f"{path}: head.{bad[0]} is {tuple(head[bad[0]].shape)} there but {tuple(own[bad[0]].shape)} "
-                               f"here; pass the --model and --nb_classes it was trained with")
+        raise utils.UsageError(f"{path}: head.{bad[0]} is {tuple(head[bad[0]].shape)} there but "
+                               f"{tuple(own[bad[0]].shape)} here; pass the --model and --nb_classes it was trained with")
     model.head.load_state_dict(head)
 
 
 def save(args, name, model, optimizer, epoch, max_accuracy, test_stats):
     """The head, its optimizer, epoch, best accuracy, test results and ``args`` (a plain dict), written
-    atomically (utils.save_on_master)."""
+    atomically (checkpoints.save_on_master)."""
     if args.output_dir:
-        utils.save_on_master({"model": head_state(model), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                              "args": utils.args_dict(args), "max_accuracy": max_accuracy, "test_stats": test_stats},
-                             os.path.join(args.output_dir, name))
+        checkpoints.save_on_master({"model": head_state(model), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                                    "args": checkpoints.args_dict(args), "max_accuracy": max_accuracy,
+                                    "test_stats": test_stats}, os.path.join(args.output_dir, name))
 
 
 # the flags that define the lr schedule (with the total batch; --lr is the absolute lr, from --blr if unset)
@@ -346,8 +345,9 @@ SCHEDULE_FLAGS = ("epochs", "warmup_epochs", "lr", "min_lr", "weight_decay")
 
 def main(args):
     check_args(args)
-    resume_path, ckpt = utils.load_resume_checkpoint(args.resume, args.output_dir, args.auto_resume and not args.eval)
-    ckpt_args = utils.checkpoint_args(ckpt)
+    resume_path, ckpt = checkpoints.load_resume_checkpoint(args.resume, args.output_dir,
+                                                           args.auto_resume and not args.eval)
+    ckpt_args = checkpoints.checkpoint_args(ckpt)
     if ckpt is not None and args.eval:
         inherit_from_checkpoint(args, ckpt_args, resume_path)
         if not args.finetune or not os.path.isfile(args.finetune):
@@ -412,7 +412,7 @@ def main(args):
         utils.print0(f"resume: {resume_path} (epoch {ckpt.get('epoch')})" + ("" if args.eval else f", continuing at "
                                                                               f"epoch {start_epoch}"))
         if not args.eval:
-            utils.warn_schedule_changes(args, ckpt, resume_path, SCHEDULE_FLAGS, accumulation="accum_iter")
+            checkpoints.warn_schedule_changes(args, ckpt, resume_path, SCHEDULE_FLAGS, accumulation="accum_iter")
 
     if args.eval:
         stats = evaluate_probe(model, val_loader, amp_dtype, args.dist_eval)
@@ -421,13 +421,14 @@ def main(args):
         utils.print0("eval: " + json.dumps(stats))
         return stats
 
-    utils.remove_stale_temporaries(args.output_dir)
+    checkpoints.remove_stale_temporaries(args.output_dir)
     head = model.head
     if args.distributed:
         head = DistributedDataParallel(model.head, device_ids=[args.gpu] if device.type == "cuda" else None)
 
     # the output folder and the TensorBoard events file appear with the run's first record (LazySummaryWriter,
-    # utils.append_log, utils.save_on_master): a run that fails before it has anything to write leaves nothing
+    # checkpoints.append_log, checkpoints.save_on_master): a run that fails before it has anything to write leaves
+    # nothing
     log_writer = (utils.LazySummaryWriter(args.log_dir or args.output_dir)
                   if utils.is_main_process() and args.output_dir else None)
 
@@ -445,11 +446,12 @@ def main(args):
         utils.print0(f"epoch {epoch}: train loss {train_stats['loss']:.4f}, test on {stats['n']} images: top-1 "
                      f"{stats['acc1']:.2f} %, top-5 {stats['acc5']:.2f} %, loss {stats['loss']:.4f} "
                      f"(best top-1 {max_accuracy:.2f} %)")
-        utils.append_log(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
-                                           **{f"test_{k}": v for k, v in stats.items()},
-                                           "epoch": epoch, "max_accuracy": max_accuracy, "n_parameters": n_parameters})
+        checkpoints.append_log(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
+                                                 **{f"test_{k}": v for k, v in stats.items()},
+                                                 "epoch": epoch, "max_accuracy": max_accuracy,
+                                                 "n_parameters": n_parameters})
         # the record, then the checkpoints: a run killed before checkpoint-last.pth moves on repeats the epoch,
-        # and its first record replaces the one left behind (utils.append_log)
+        # and its first record replaces the one left behind (checkpoints.append_log)
         if improved:
             save(args, "checkpoint-best.pth", model, optimizer, epoch, max_accuracy, stats)
         save(args, "checkpoint-last.pth", model, optimizer, epoch, max_accuracy, stats)

@@ -18,6 +18,7 @@ import sys
 
 import torch
 
+import checkpoints
 import utils
 from modeling_vit import encoder_layer_id
 
@@ -138,12 +139,12 @@ def openmmlab_safe_loading():
 
 
 def load_openmmlab_checkpoint(path):
-    """``utils.load_checkpoint`` (weights-only, ``argparse.Namespace`` allowed) that also reads OpenMMLab's
+    """``checkpoints.load_checkpoint`` (weights-only, ``argparse.Namespace`` allowed) that also reads OpenMMLab's
     own checkpoints (see ``openmmlab_safe_globals``). Any other object in the file is an error that names
     it, instead of a hint to switch safe loading off."""
     with openmmlab_safe_loading():
         try:
-            return utils.load_checkpoint(path)
+            return checkpoints.load_checkpoint(path)
         except utils.UsageError as e:
             unsafe = []
             with contextlib.suppress(Exception):  # the listing is a hint only; the error below stands

@@ -1,5 +1,5 @@
-"""The pretrained encoder for the downstream jobs (fine-tuning, linear probing, kNN): model names, the plain
-encoder, and loading a checkpoint's encoder with a report of what was transferred."""
+"""The pretrained encoder for the downstream jobs (fine-tuning, linear probing, kNN): model names and the plain
+encoder (loading a checkpoint's encoder: ``checkpoints.load_pretrained_encoder``)."""
 import modeling_bootmae
 import utils
 
@@ -33,35 +33,3 @@ def build_encoder(size, input_size, patch_size=None):
         raise utils.UsageError(f"--input_size {input_size} is not divisible by the patch size {cfg['patch_size']}; "
                                f"use a multiple of it")
     return modeling_bootmae.VisionTransformer(img_size=input_size, **cfg)
-
-
-def load_pretrained_encoder(model, path, model_key="model|module"):
-    """Loads the encoder of a checkpoint (ours or the release's; pretraining or fine-tuning) into ``model``
-    and prints exactly what was transferred. Returns (loaded, not_in_checkpoint, unused) key lists.
-
-    Bad input (missing file, unreadable file, no encoder tensors, another model size) raises UsageError.
-    """
-    checkpoint = utils.load_checkpoint(path)
-    try:
-        state = modeling_bootmae.encoder_state_dict(checkpoint, model_key)
-        loaded, missing, unused = modeling_bootmae.load_encoder(model, state)
-    except ValueError as e:
-        raise utils.UsageError(f"{path}: {e}") from e
-    utils.print0(f"loaded {len(loaded)} encoder tensors from {path} (entry '{model_key}')")
-    utils.print0(f"  newly initialised (not in the checkpoint): {', '.join(missing) or 'none'}")
-    if unused:
-        shown = ", ".join(unused[:8]) + (f", ... ({len(unused) - 8} more)" if len(unused) > 8 else "")
-        utils.print0(f"  in the checkpoint but not used ({len(unused)}): {shown}")
-    return loaded, missing, unused
-
-
-def load_encoder_checked(model, path, model_key):
-    """Loads the encoder and refuses a checkpoint that leaves encoder tensors uninitialised (except the
-    final norm, whose absence is only reported: a fine-tuned mean-pooling model has none)."""
-    _, missing, _ = load_pretrained_encoder(model, path, model_key)
-    essential = [k for k in missing if not k.startswith("norm.")]
-    if essential:
-        raise utils.UsageError(f"{path} lacks {len(essential)} encoder tensors of this model (e.g. {essential[0]}); "
-                               f"pass the --model of the checkpoint's size")
-    if missing:
-        utils.print0(f"warning: {path} has no final norm ('norm.*'); features use an identity-initialised LayerNorm")

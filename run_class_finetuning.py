@@ -14,8 +14,6 @@ import argparse
 import importlib.util
 import json
 import os
-import re
-import shutil
 import time
 
 import torch
@@ -25,19 +23,20 @@ from timm.models import create_model
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
+import checkpoints
 import datasets
+import finetune_deepspeed
 import modeling_bootmae
 import utils
-from engine_for_finetuning import evaluate, train_one_epoch
+from checkpoints import load_classifier, load_classifier_resume, load_optimizer_state, load_pretrained_encoder
+from engine_for_finetuning import evaluate_checkpoint, evaluate_epoch, train_one_epoch
 from optim_factory import adamw, finetune_param_groups
-from pretrained import load_pretrained_encoder
 
 # the classifiers registered by modeling_bootmae, by size
-CLASSIFIERS = {f"bootmae_{size}_patch{cfg['patch_size']}_224": size for size, cfg in modeling_bootmae.MODEL_SIZES.items()}
+CLASSIFIERS = {f"bootmae_{size}_patch{cfg['patch_size']}_224": size
+               for size, cfg in modeling_bootmae.MODEL_SIZES.items()}
 # the release's --data_set names
 DATA_SET_ALIASES = {"IMNET": "image_folder", "CIFAR": "cifar100"}
-# where DeepSpeed's own checkpoints go, inside --output_dir
-DEEPSPEED_DIR = "deepspeed"
 
 
 def get_args_parser():
@@ -282,91 +281,16 @@ def build_loaders(args, device):
 # ---------------------------------------------------------------------------------------------------------
 # checkpoints
 
-def classifier_state(state_dict):
-    """A classifier state dict from a checkpoint's entry: ``module.`` prefixes removed and the release's
-    stored sin-cos table dropped (here it is a buffer recomputed from the input grid)."""
-    out = {}
-    for key, value in state_dict.items():
-        while key.startswith("module."):
-            key = key[len("module."):]
-        if key != "pos_embed":
-            out[key] = value
-    return out
-
-
-def load_classifier(model, state_dict, path, what="model"):
-    state = classifier_state(state_dict)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    bad = [k for k in state if k in own and state[k].shape != own[k].shape]
-    if missing or unexpected or bad:
-        if bad:
-            k = bad[0]
-            detail = f"{k} is {tuple(state[k].shape)} in the checkpoint but {tuple(own[k].shape)} here"
-            if k.startswith("head."):
-                detail += f" (the checkpoint's head has {state[k].shape[0]} classes: set --nb_classes to it)"
-        elif unexpected and any(k.startswith(("pixel_decoder.", "feature_decoder.", "decode_blocks", "down."))
-                                for k in unexpected):
-            detail = "it is a pretraining checkpoint; pass it to --finetune, not --resume"
-        else:
-            detail = (f"{len(missing)} missing (e.g. {', '.join(missing[:3]) or '-'}), {len(unexpected)} unexpected "
-                      f"(e.g. {', '.join(unexpected[:3]) or '-'})")
-        raise utils.UsageError(f"{path}: its {what} does not fit --model {model.default_cfg_name}: {detail}")
-    model.load_state_dict(state)
-
-
-def find_resume(args):
-    path, ckpt = utils.load_resume_checkpoint(args.resume, args.output_dir, args.auto_resume)
-    if ckpt is None:
-        return None, None
-    if isinstance(ckpt, dict) and not isinstance(ckpt.get("model"), dict) and isinstance(ckpt.get("module"), dict):
-        # the release's DeepSpeed runs saved the classifier as 'module' (mp_rank_00_model_states.pt)
-        ckpt = {**ckpt, "model": ckpt["module"]}
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
-        raise utils.UsageError(f"{path} has no 'model' entry; give a fine-tuning checkpoint (checkpoint-*.pth)")
-    return path, ckpt
-
 
 # the flags that define the lr and weight-decay schedules (with the total batch)
 SCHEDULE_FLAGS = ("epochs", "warmup_epochs", "warmup_steps", "lr", "min_lr", "warmup_lr", "weight_decay",
                   "weight_decay_end")
 
 
-def load_optimizer_state(optimizer, ckpt, path):
-    if "optimizer" not in ckpt:
-        utils.print0(f"resume: {path} has no optimizer state (a DeepSpeed run's plain file, or weights only); "
-                     f"AdamW moments restart")
-        return
-    if not utils.optimizer_state_fits(optimizer, ckpt["optimizer"]):
-        utils.print0(f"resume: the optimizer state in {path} does not match this model's parameter groups; AdamW "
-                     f"moments restart")
-        return
-    # the checkpoint would also overwrite each group's lr_scale; keep the ones of this command line
-    scales = [(g.get("lr_scale"), g.get("layer_id")) for g in optimizer.param_groups]
-    optimizer.load_state_dict(ckpt["optimizer"])
-    for g, (scale, layer_id) in zip(optimizer.param_groups, scales):
-        if scale is not None:
-            g["lr_scale"] = scale
-        if layer_id is not None:
-            g["layer_id"] = layer_id
-
-
-def deepspeed_fp32_state(engine):
-    """The module's state dict with each parameter's fp32 master copy where DeepSpeed keeps one (ZeRO 1/2:
-    a collective, every rank calls it), else the module's own tensor; float32 on the CPU."""
-    from deepspeed.utils import safe_get_full_fp32_param
-    state = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
-    for name, param in engine.module.named_parameters():
-        full = safe_get_full_fp32_param(param)
-        state[name] = (full if full is not None else param.detach()).float().cpu()
-    return state
-
-
 def save_checkpoints(args, epoch, model, optimizer, loss_scaler, model_ema, best, is_best, engine=None):
     """checkpoint-<epoch>.pth every --save_ckpt_freq epochs and at the end, checkpoint-best.pth when the accuracy
     improved, then checkpoint-last.pth every epoch (last, so that a run killed before it repeats the whole
-    epoch), each written atomically (utils.save_on_master); ``args`` is stored as a plain dict.
+    epoch), each written atomically (checkpoints.save_on_master); ``args`` is stored as a plain dict.
 
     Plain runs store model, optimizer, scaler, model_ema, epoch, best accuracy and args. DeepSpeed runs
     first save the engine (ZeRO partitions, optimizer) under ``deepspeed/epoch-<epoch>/``, then the plain
@@ -378,97 +302,26 @@ def save_checkpoints(args, epoch, model, optimizer, loss_scaler, model_ema, best
     if args.save_ckpt_freq > 0 and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs):
         names.insert(0, f"checkpoint-{epoch}.pth")
     names.append("checkpoint-last.pth")
-    ckpt = {"epoch": epoch, "max_accuracy": best["acc1"], "best_epoch": best["epoch"], "args": utils.args_dict(args)}
+    ckpt = {"epoch": epoch, "max_accuracy": best["acc1"], "best_epoch": best["epoch"],
+            "args": checkpoints.args_dict(args)}
     if engine is None:
         ckpt.update(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=loss_scaler.state_dict())
     else:
-        tag = f"epoch-{epoch}"
-        engine.save_checkpoint(os.path.join(args.output_dir, DEEPSPEED_DIR), tag=tag, client_state={"epoch": epoch})
-        ckpt.update(model=deepspeed_fp32_state(engine), deepspeed_tag=tag)
+        ckpt.update(finetune_deepspeed.save_engine(engine, args.output_dir, epoch))
     if model_ema is not None:
         ckpt["model_ema"] = model_ema.module.state_dict()
     for name in names:
-        utils.save_on_master(ckpt, os.path.join(args.output_dir, name))
+        checkpoints.save_on_master(ckpt, os.path.join(args.output_dir, name))
     if engine is not None:
-        if utils.is_dist():
-            torch.distributed.barrier()
-        if utils.is_main_process():
-            prune_deepspeed_tags(args.output_dir, keep_epochs={epoch, best["epoch"]})
-
-
-def prune_deepspeed_tags(output_dir, keep_epochs):
-    """Removes DeepSpeed folders no plain checkpoint refers to (the last, the best, the numbered ones)."""
-    keep = {f"epoch-{e}" for e in keep_epochs if e is not None}
-    for name in os.listdir(output_dir):
-        m = re.fullmatch(r"checkpoint-(\d+)\.pth", name)
-        if m:
-            keep.add(f"epoch-{int(m.group(1))}")
-    root = os.path.join(output_dir, DEEPSPEED_DIR)
-    for name in os.listdir(root):
-        if re.fullmatch(r"epoch-\d+", name) and name not in keep:
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        finetune_deepspeed.prune_tags(args.output_dir, keep_epochs={epoch, best["epoch"]})
 
 
 # ---------------------------------------------------------------------------------------------------------
-# DeepSpeed
+# main: data -> model (+ resume, EMA) -> --eval, or optimizer -> loop (train, evaluate, log, checkpoints)
 
-def single_process_env():
-    """DeepSpeed needs a process group; run without a launcher it would look for MPI. One process started
-    directly gets the environment of a one-process torchrun instead (left alone under torchrun / srun)."""
-    env = os.environ
-    if ("RANK" in env and "WORLD_SIZE" in env) or int(env.get("SLURM_NTASKS", "1")) > 1:
-        return
-    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    env.setdefault("MASTER_ADDR", "127.0.0.1")
-    env.setdefault("MASTER_PORT", str(utils.free_port()))
-
-
-def deepspeed_config(args, device, world):
-    """The DeepSpeed configuration, built here rather than read from a file: the release's (AdamW, dynamic
-    fp16 loss scale with 2^7 start and window 128) with this run's batch, accumulation, clipping, ZeRO
-    stage and precision. The lr here is a placeholder: the training loop sets every group's lr (schedule x
-    lr_scale) before each step."""
-    betas = list(args.opt_betas or (0.9, 0.999))
-    # torch's AdamW (its fused kernel on CUDA) instead of DeepSpeed's FusedAdam: the same update, without
-    # FusedAdam's JIT build, which needs nvcc on GPUs and takes about 80 s on the CPU
-    params = {"lr": args.lr, "weight_decay": args.weight_decay, "betas": betas, "eps": args.opt_eps,
-              "torch_adam": True}
-    if device.type == "cuda":
-        params["fused"] = True
-    return {
-        "train_batch_size": args.batch_size * args.update_freq * world,
-        "train_micro_batch_size_per_gpu": args.batch_size,
-        "gradient_accumulation_steps": args.update_freq,
-        "optimizer": {"type": "AdamW", "params": params},
-        "bf16": {"enabled": args.amp == "bf16"},
-        "fp16": {"enabled": args.amp == "fp16", "loss_scale": 0, "initial_scale_power": 7, "loss_scale_window": 128},
-        "zero_optimization": {"stage": args.zero_stage},
-        "gradient_clipping": float(args.clip_grad or 0.0),
-        "steps_per_print": 1 << 30,  # the training loop logs
-        "wall_clock_breakdown": False,
-    }
-
-
-# ---------------------------------------------------------------------------------------------------------
-
-def main(args):
-    check_args(args)
-    if args.compile and args.enable_deepspeed:
-        raise utils.UsageError("--compile is not supported with --enable_deepspeed; drop one of them")
-    if args.enable_deepspeed and not args.eval:
-        single_process_env()
-    utils.init_distributed_mode(args)
-    device = torch.device(args.device)
-    args.amp, amp_dtype = utils.resolve_amp(args.amp, device)
-    if args.compile is None:
-        args.compile = device.type == "cuda" and not args.enable_deepspeed
-    world, rank = utils.get_world_size(), utils.get_rank()
-    utils.print0("args: " + json.dumps(vars(args), default=str))
-
-    train_set, train_loader, val_set, val_loader = build_loaders(args, device)
-    utils.print0(f"data: {len(train_set) if train_set is not None else 0} training, "
-                 f"{len(val_set) if val_set is not None else 0} validation images, {args.nb_classes} classes")
-
+def build_model(args, device):
+    """(classifier on ``device``, its EMA or None, resumed checkpoint's path, the checkpoint or None): the model
+    holds the resumed weights, or the --finetune encoder."""
     # the same seed on every rank: identical heads, so the EMA copies agree before any broadcast
     utils.seed_everything(args.seed)
     model = create_model(args.model, img_size=args.input_size, patch_size=args.patch_size,
@@ -476,11 +329,9 @@ def main(args):
                          drop_path_rate=args.drop_path, global_pool="avg" if args.use_mean_pooling else "token",
                          init_scale=args.init_scale)
     model.default_cfg_name = args.model
-    n_parameters = modeling_bootmae.count_trainable(model)
-    utils.print0(f"model: {args.model}, {n_parameters:,} trainable parameters, {args.input_size} px input in "
-                 f"{args.patch_size} px patches")
-
-    resume_path, ckpt = find_resume(args)
+    utils.print0(f"model: {args.model}, {modeling_bootmae.count_trainable(model):,} trainable parameters, "
+                 f"{args.input_size} px input in {args.patch_size} px patches")
+    resume_path, ckpt = load_classifier_resume(args)
     if args.eval and ckpt is None:
         raise utils.UsageError("--eval needs the weights to evaluate: pass --resume <fine-tuned checkpoint> (or "
                                "--output_dir of a run); --finetune loads only a pretrained encoder")
@@ -493,7 +344,6 @@ def main(args):
     elif not args.eval:
         utils.print0("note: no --finetune checkpoint; the encoder starts from random weights")
     model.to(device)
-
     model_ema = None
     if args.model_ema:
         model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
@@ -502,24 +352,11 @@ def main(args):
             load_classifier(model_ema.module, ckpt["model_ema"], resume_path, "model_ema")
         elif ckpt is not None:
             utils.print0(f"resume: {resume_path} has no model_ema; the EMA restarts from the model")
-    # DeepSpeed runs evaluate in the engine's dtype; --eval reproduces that to give the same numbers
-    ds_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp, torch.float32)
-    eval_amp = None if args.enable_deepspeed else amp_dtype
+    return model, model_ema, resume_path, ckpt
 
-    if args.eval:
-        model.to(ds_dtype if args.enable_deepspeed else torch.float32)
-        results = {"checkpoint": resume_path, **evaluate(val_loader, model, device, eval_amp, args.dist_eval)}
-        if model_ema is not None and "model_ema" in ckpt:
-            ema = evaluate(val_loader, model_ema.module, device, eval_amp, args.dist_eval)
-            results.update({f"ema_{k}": v for k, v in ema.items()})
-        utils.print0(f"* Acc@1 {results['acc1']:.3f} Acc@5 {results['acc5']:.3f} loss {results['loss']:.3f} "
-                     f"on {results['num_images']} images"
-                     + (f"  (EMA: Acc@1 {results['ema_acc1']:.3f})" if "ema_acc1" in results else ""))
-        utils.print0("eval: " + json.dumps(results))
-        return results
 
-    # optimisation
-    steps_per_epoch = len(train_loader) // args.update_freq
+def build_schedules(args, model, steps_per_epoch, world):
+    """(parameter groups with layer-wise lr scales, lr schedule, weight-decay schedule), per optimisation step."""
     total_batch = args.batch_size * args.update_freq * world
     groups = finetune_param_groups(model, args.weight_decay, args.layer_decay, args.backbone_decay)
     scales = sorted({(g["layer_id"], g["lr_scale"]) for g in groups})
@@ -531,52 +368,34 @@ def main(args):
                                          args.warmup_lr)
     wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
     wd_schedule = utils.cosine_scheduler(args.weight_decay, wd_end, args.epochs, steps_per_epoch)
-    betas = tuple(args.opt_betas or (0.9, 0.999))
+    return groups, lr_schedule, wd_schedule
 
-    engine = None
-    loss_scaler = None
+
+def build_training(args, model, groups, device, world, ds_dtype, ckpt, resume_path):
+    """(engine or None, the model to train, the unwrapped model, optimizer, loss scaler or None): a DeepSpeed
+    engine (``finetune_deepspeed``), or DDP / torch.compile around the model with AdamW and a ``utils.LossScaler``;
+    the optimizer and scaler states of a resumed checkpoint loaded."""
     if args.enable_deepspeed:
-        import deepspeed
-        config = deepspeed_config(args, device, world)
-        for g in groups:
-            g.pop("param_names")
-        engine, optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
-        # DeepSpeed casts only the parameters to bf16/fp16; the fixed sin-cos table (a buffer) would promote
-        # the tokens back to fp32 ahead of half-precision LayerNorms. The release's model.half() cast it too.
-        for buf in engine.module.buffers():
-            if buf.is_floating_point():
-                buf.data = buf.data.to(ds_dtype)
-        if engine.gradient_accumulation_steps() != args.update_freq:
-            raise RuntimeError("DeepSpeed's accumulation steps differ from --update_freq")
-        train_model = engine
-        model_without_ddp = engine.module
-        if ckpt is not None and ckpt.get("deepspeed_tag"):
-            ds_dir = os.path.join(os.path.dirname(resume_path) or ".", DEEPSPEED_DIR)
-            if os.path.isdir(os.path.join(ds_dir, ckpt["deepspeed_tag"])):
-                engine.load_checkpoint(ds_dir, tag=ckpt["deepspeed_tag"], load_optimizer_states=True,
-                                       load_lr_scheduler_states=False)
-                utils.print0(f"resume: DeepSpeed state from {os.path.join(ds_dir, ckpt['deepspeed_tag'])}")
-            else:
-                utils.print0(f"resume: {ds_dir}/{ckpt['deepspeed_tag']} is missing; AdamW moments restart")
-        elif ckpt is not None:
-            utils.print0(f"resume: {resume_path} holds no DeepSpeed state; AdamW moments restart")
-        utils.print0(f"DeepSpeed: ZeRO stage {args.zero_stage}, {args.amp if args.amp != 'none' else 'fp32'}, "
-                     f"optimizer {type(optimizer).__name__}")
-    else:
-        model_without_ddp = model
-        train_model = model
-        if args.distributed:
-            train_model = DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
-        if args.compile:
-            train_model = torch.compile(train_model)
-            utils.print0("torch.compile: training forward compiled (the first steps include compilation)")
-        optimizer = adamw(groups, args.lr, betas, args.opt_eps)
-        loss_scaler = utils.LossScaler(device.type, fp16=args.amp == "fp16")
-        if ckpt is not None:
-            load_optimizer_state(optimizer, ckpt, resume_path)
-            if "scaler" in ckpt:
-                loss_scaler.load_state_dict(ckpt["scaler"])
+        engine, optimizer = finetune_deepspeed.init_engine(args, model, groups, device, world, ds_dtype, ckpt,
+                                                           resume_path)
+        return engine, engine, engine.module, optimizer, None
+    train_model = model
+    if args.distributed:
+        train_model = DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
+    if args.compile:
+        train_model = torch.compile(train_model)
+        utils.print0("torch.compile: training forward compiled (the first steps include compilation)")
+    optimizer = adamw(groups, args.lr, tuple(args.opt_betas or (0.9, 0.999)), args.opt_eps)
+    loss_scaler = utils.LossScaler(device.type, fp16=args.amp == "fp16")
+    if ckpt is not None:
+        load_optimizer_state(optimizer, ckpt, resume_path)
+        if "scaler" in ckpt:
+            loss_scaler.load_state_dict(ckpt["scaler"])
+    return None, train_model, model, optimizer, loss_scaler
 
+
+def resume_position(args, ckpt, resume_path):
+    """(first epoch, best accuracy so far as {"acc1", "epoch"}) of this run."""
     start_epoch = args.start_epoch
     best = {"acc1": 0.0, "epoch": None}
     if ckpt is not None:
@@ -586,28 +405,61 @@ def main(args):
         else:
             utils.print0(f"resume: {resume_path} has no epoch number; its weights start epoch {start_epoch}")
         utils.print0(f"resume: continuing at epoch {start_epoch}")
-        utils.warn_schedule_changes(args, ckpt, resume_path, SCHEDULE_FLAGS)
-    utils.remove_stale_temporaries(args.output_dir)
+        checkpoints.warn_schedule_changes(args, ckpt, resume_path, SCHEDULE_FLAGS)
+    checkpoints.remove_stale_temporaries(args.output_dir)
+    return start_epoch, best
 
-    mixup_fn = None
+
+def build_criterion(args):
+    """(mixup function or None, loss): soft-target cross-entropy under mixup/cutmix (the smoothing is in
+    mixup's soft targets), else label-smoothing or plain cross-entropy."""
     if mixup_active(args):
         mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                          label_smoothing=args.smoothing, num_classes=args.nb_classes)
-        criterion = SoftTargetCrossEntropy()  # the smoothing is in mixup's soft targets
-    elif args.smoothing > 0:
-        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
-    else:
-        criterion = torch.nn.CrossEntropyLoss()
+        return mixup_fn, SoftTargetCrossEntropy()
+    if args.smoothing > 0:
+        return None, LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return None, torch.nn.CrossEntropyLoss()
 
+
+def main(args):
+    check_args(args)
+    if args.compile and args.enable_deepspeed:
+        raise utils.UsageError("--compile is not supported with --enable_deepspeed; drop one of them")
+    if args.enable_deepspeed and not args.eval:
+        finetune_deepspeed.single_process_env()
+    utils.init_distributed_mode(args)
+    device = torch.device(args.device)
+    args.amp, amp_dtype = utils.resolve_amp(args.amp, device)
+    if args.compile is None:
+        args.compile = device.type == "cuda" and not args.enable_deepspeed
+    world, rank = utils.get_world_size(), utils.get_rank()
+    utils.print0("args: " + json.dumps(vars(args), default=str))
+
+    train_set, train_loader, val_set, val_loader = build_loaders(args, device)
+    utils.print0(f"data: {len(train_set) if train_set is not None else 0} training, "
+                 f"{len(val_set) if val_set is not None else 0} validation images, {args.nb_classes} classes")
+    model, model_ema, resume_path, ckpt = build_model(args, device)
+    n_parameters = modeling_bootmae.count_trainable(model)
+    # DeepSpeed runs evaluate in the engine's dtype; --eval reproduces that to give the same numbers
+    ds_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp, torch.float32)
+    eval_amp = None if args.enable_deepspeed else amp_dtype
+    if args.eval:
+        return evaluate_checkpoint(args, val_loader, model, model_ema, device, eval_amp, ds_dtype, ckpt, resume_path)
+
+    groups, lr_schedule, wd_schedule = build_schedules(args, model, len(train_loader) // args.update_freq, world)
+    engine, train_model, model_without_ddp, optimizer, loss_scaler = build_training(
+        args, model, groups, device, world, ds_dtype, ckpt, resume_path)
+    start_epoch, best = resume_position(args, ckpt, resume_path)
+    mixup_fn, criterion = build_criterion(args)
     # the output folder and the TensorBoard events file appear with the run's first record (LazySummaryWriter,
-    # utils.append_log, utils.save_on_master): a run that fails before it has anything to write leaves nothing
+    # checkpoints.append_log, checkpoints.save_on_master): a run that fails before it has anything to write leaves
+    # nothing
     log_writer = (utils.LazySummaryWriter(args.log_dir or args.output_dir)
                   if utils.is_main_process() and args.output_dir else None)
     if log_writer is not None and engine is not None:
-        os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "deepspeed_config.json"), "w") as f:
-            json.dump(deepspeed_config(args, device, world), f, indent=2)
+        finetune_deepspeed.write_config(args, device, world)
 
     utils.print0(f"training epochs {start_epoch}..{args.epochs - 1}")
     start_time = time.time()
@@ -621,29 +473,13 @@ def main(args):
         record = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()}}
         is_best = False
         if val_loader is not None:
-            test_stats = evaluate(val_loader, model_without_ddp, device, eval_amp, args.dist_eval)
-            record.update({f"test_{k}": v for k, v in test_stats.items()})
-            accs = [test_stats["acc1"]]
-            if model_ema is not None:
-                ema_stats = evaluate(val_loader, model_ema.module, device, eval_amp, args.dist_eval)
-                record.update({f"test_ema_{k}": v for k, v in ema_stats.items()})
-                accs.append(ema_stats["acc1"])
-            if max(accs) > best["acc1"] or best["epoch"] is None:
-                best = {"acc1": max(accs), "epoch": epoch}
-                is_best = True
-            utils.print0(f"epoch {epoch}: Acc@1 {test_stats['acc1']:.3f} Acc@5 {test_stats['acc5']:.3f} loss "
-                         f"{test_stats['loss']:.4f} on {test_stats['num_images']} images"
-                         + (f"  EMA Acc@1 {record['test_ema_acc1']:.3f}" if model_ema is not None else "")
-                         + f"  (max {best['acc1']:.3f}, epoch {best['epoch']})")
-            if log_writer is not None:
-                for k in ("acc1", "acc5", "loss"):
-                    log_writer.add_scalar(f"perf/test_{k}", test_stats[k], epoch)
-                    if model_ema is not None:
-                        log_writer.add_scalar(f"perf/test_ema_{k}", record[f"test_ema_{k}"], epoch)
+            test_record, is_best = evaluate_epoch(args, epoch, val_loader, model_without_ddp, model_ema, device,
+                                                  eval_amp, best, log_writer)
+            record.update(test_record)
         record.update(max_accuracy=best["acc1"], n_parameters=n_parameters)
         # the epoch's record, then its checkpoints: a run killed before checkpoint-last.pth moves on repeats
-        # the epoch, and its first record replaces the one left behind (utils.append_log)
-        utils.append_log(args.output_dir, record)
+        # the epoch, and its first record replaces the one left behind (checkpoints.append_log)
+        checkpoints.append_log(args.output_dir, record)
         save_checkpoints(args, epoch, model_without_ddp, optimizer, loss_scaler, model_ema, best, is_best, engine)
         if log_writer is not None:
             log_writer.flush()

@@ -17,6 +17,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from timm.models import create_model
 
+import checkpoints
 import knn
 import modeling_bootmae  # noqa: F401  (registers the bootmae_* models with timm)
 import utils
@@ -340,7 +341,7 @@ def load_fixed_target(args, model):
     release's checkpoints and MAE's (its full qkv bias is split, and its position table, which orders the
     sin-cos columns differently from ours, is used as stored)."""
     path, key = args.target_checkpoint, args.target_checkpoint_key
-    ckpt = utils.load_checkpoint(path)
+    ckpt = checkpoints.load_checkpoint(path)
     try:
         state = modeling_bootmae.split_qkv_bias(modeling_bootmae.encoder_state_dict(ckpt, key))
     except ValueError as e:
@@ -395,7 +396,7 @@ def resume(args, model, targets, optimizer, loss_scaler):
     and scaler state; returns the epoch to start from. Accepts our checkpoints and the release's (its key
     names are converted). Warns when the schedule-defining flags differ from the checkpoint's (``args.lr``
     is the base lr here, as checkpoints store it)."""
-    path, ckpt = utils.load_resume_checkpoint(args.resume, args.output_dir, args.auto_resume)
+    path, ckpt = checkpoints.load_resume_checkpoint(args.resume, args.output_dir, args.auto_resume)
     if ckpt is None:
         return args.start_epoch
     if not isinstance(ckpt, dict) or "model" not in ckpt:
@@ -425,7 +426,7 @@ def resume(args, model, targets, optimizer, loss_scaler):
         else:
             targets.load_state_dict(saved["state"])
     if "optimizer" in ckpt and "epoch" in ckpt:
-        if utils.optimizer_state_fits(optimizer, ckpt["optimizer"]):
+        if checkpoints.optimizer_state_fits(optimizer, ckpt["optimizer"]):
             optimizer.load_state_dict(ckpt["optimizer"])
         else:
             utils.print0(f"resume: optimizer state in {path} does not match this model's parameter groups "
@@ -434,7 +435,7 @@ def resume(args, model, targets, optimizer, loss_scaler):
             loss_scaler.load_state_dict(ckpt["scaler"])
     start = int(ckpt.get("epoch", -1)) + 1
     utils.print0(f"resume: {path} ({'release' if release else 'our'} format), continuing at epoch {start}")
-    utils.warn_schedule_changes(args, ckpt, path, SCHEDULE_FLAGS)
+    checkpoints.warn_schedule_changes(args, ckpt, path, SCHEDULE_FLAGS)
     return start
 
 
@@ -450,14 +451,14 @@ def save_checkpoint(args, epoch, model, targets, optimizer, loss_scaler):
     if not args.output_dir:
         return
     ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": loss_scaler.state_dict(),
-            "epoch": epoch, "args": utils.args_dict(args)}
+            "epoch": epoch, "args": checkpoints.args_dict(args)}
     if targets is not None and targets.kind == "ema":
         ckpt["model_ema"] = targets.ema.module.state_dict()
     elif targets is not None:
         ckpt["target_encoder"] = {"kind": targets.kind, "state": targets.state_dict()}
     if keeps_numbered_checkpoint(args, epoch):
-        utils.save_on_master(ckpt, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
-    utils.save_on_master(ckpt, os.path.join(args.output_dir, "checkpoint-last.pth"))
+        checkpoints.save_on_master(ckpt, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
+    checkpoints.save_on_master(ckpt, os.path.join(args.output_dir, "checkpoint-last.pth"))
 
 
 def keeps_numbered_checkpoint(args, epoch):
@@ -617,10 +618,11 @@ def main(args):
 
     args.lr = base_lr  # checkpoints store the base lr, as given on the command line
     start_epoch = resume(args, model, targets, optimizer, loss_scaler)
-    utils.remove_stale_temporaries(args.output_dir)
+    checkpoints.remove_stale_temporaries(args.output_dir)
 
     # the output folder and the TensorBoard events file appear with the run's first record (LazySummaryWriter,
-    # utils.append_log, utils.save_on_master): a run that fails before it has anything to write leaves nothing
+    # checkpoints.append_log, checkpoints.save_on_master): a run that fails before it has anything to write leaves
+    # nothing
     log_writer = (utils.LazySummaryWriter(args.log_dir or args.output_dir)
                   if utils.is_main_process() and args.output_dir else None)
 
@@ -640,8 +642,8 @@ def main(args):
         if knn_monitor is not None:
             record.update(knn_monitor(epoch, model, momentum_encoder, log_writer))
         # the epoch's record, then its checkpoints: a run killed before checkpoint-last.pth moves on repeats
-        # the epoch, and its first record replaces the one left behind (utils.append_log)
-        utils.append_log(args.output_dir, record)
+        # the epoch, and its first record replaces the one left behind (checkpoints.append_log)
+        checkpoints.append_log(args.output_dir, record)
         save_checkpoint(args, epoch, model, targets, optimizer, loss_scaler)
         summary = (f"epoch {epoch} done: loss {stats['loss']:.4f} (pixel {stats['pixel_loss']:.4f}, feature "
                    f"{stats['feature_loss']:.4f}) averaged over {world} process(es)")

@@ -1,8 +1,7 @@
-"""Distributed helpers, checkpoint I/O, step logging, schedules and the loss scaler shared by the entry points."""
+"""Errors, distributed helpers, step logging, schedules, the loss scaler and the command-line flags and checks shared
+by the entry points (checkpoint reading and writing: checkpoints.py)."""
 import argparse
 import datetime
-import glob
-import json
 import math
 import os
 import random
@@ -167,11 +166,8 @@ def cosine_scheduler(base_value, final_value, epochs, steps_per_epoch, warmup_ep
 
 class LossScaler:
     """The GradScaler of a run, kept in checkpoints under ``scaler``: active for fp16 only (for bf16 and float32
-    its calls pass through). The pretraining loop calls ``scaler`` in the open (scale -> backward; on the update
-    micro-step unscale_ -> ``clip_grad_norm`` -> step -> update); calling the object does the same in one call.
-
-    Returns the gradient norm as a tensor (no host sync); None when the step is skipped for accumulation.
-    """
+    its calls pass through). The training loops call ``scaler`` in the open (scale -> backward; on the update
+    micro-step unscale_ -> ``clip_grad_norm`` -> step -> update)."""
     state_dict_key = "scaler"
 
     def __init__(self, device_type, fp16):
@@ -186,21 +182,6 @@ class LossScaler:
             return torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
         grads = [p.grad for p in parameters if p.grad is not None]
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-
-    def __call__(self, loss, optimizer, parameters, clip_grad=None, update_grad=True, sync=True, model=None):
-        parameters = [p for p in parameters if p.requires_grad]
-        if sync or model is None:
-            self.scaler.scale(loss).backward()
-        else:
-            with model.no_sync():  # accumulate locally, all-reduce only on the update step
-                self.scaler.scale(loss).backward()
-        if not update_grad:
-            return None
-        self.scaler.unscale_(optimizer)
-        norm = self.clip_grad_norm(parameters, clip_grad)
-        self.scaler.step(optimizer)
-        self.scaler.update()
-        return norm
 
     def state_dict(self):
         return self.scaler.state_dict()
@@ -271,265 +252,12 @@ class LazySummaryWriter:
         return getattr(self._writer, name)
 
 
-def append_log(output_dir, record):
-    """Appends ``record`` to output_dir/log.txt as one JSON line (rank 0). log.txt holds one record per epoch:
-    records of this epoch and later already there, which a run killed after writing them and before
-    checkpoint-last.pth moved on left behind, are dropped first (the resumed run writes them again)."""
-    if is_main_process() and output_dir:
-        path = os.path.join(output_dir, "log.txt")
-        try:
-            os.makedirs(output_dir, exist_ok=True)   # the run's first record creates the folder
-            if isinstance(record.get("epoch"), int):
-                _drop_records_from(path, record["epoch"])
-            with open(path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as e:
-            raise _write_failure(path, e) from e
-
-
-def _drop_records_from(path, epoch):
-    """Rewrites log.txt at ``path`` without its records of ``epoch`` and later (and without a line a kill cut
-    short); leaves it as it is when there are none."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
-    keep = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if not (isinstance(record, dict) and isinstance(record.get("epoch"), int) and record["epoch"] >= epoch):
-            keep.append(line if line.endswith("\n") else line + "\n")
-    if keep != lines:
-        with open(path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(path + ".tmp", path)
-        print0(f"{path}: {len(lines) - len(keep)} record(s) from epoch {epoch} on dropped, left by an interrupted "
-               f"run; this run writes them again")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# checkpoints
-
-class CheckpointWriteError(Exception):
-    """A checkpoint or log record that could not be written (full disk, no permission): the entry points print
-    the message as one line and exit with status 1; the files written before stay as they were."""
-
-
-def _tensor_bytes(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
-
-
-def _write_failure(path, exc, needed=None):
-    """``exc`` (an OSError, or torch's RuntimeError around one) as a CheckpointWriteError naming ``path`` and
-    the free space of its file system."""
-    import shutil
-    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else one_line_error(exc)
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        free = f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free"
-    except OSError:
-        free = "free space unknown"
-    need = f", it needs about {needed / 2**20:.1f} MiB" if needed else ""
-    return CheckpointWriteError(f"cannot write {path} ({reason}); {free} on {folder}{need}: free space there, "
-                                f"check its permissions or choose another --output_dir; the files written before "
-                                f"are intact")
-
-
-# the temporary name of a checkpoint being written: <name>.tmp.<pid>
-TEMPORARY_RE = re.compile(r".+\.pth\.tmp\.\d+")
-
-
-def save_on_master(obj, path):
-    """Rank 0 writes to a temporary file beside ``path`` (``TEMPORARY_RE``), flushes it to the disk and renames
-    it into place, so a crash never leaves a truncated checkpoint under the real name. A write that fails
-    (full disk, no permission) removes the temporary file and raises CheckpointWriteError."""
-    if not is_main_process():
-        return
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        # a Python file object: a failed write surfaces as the OSError itself (torch.save on a path name
-        # reports it as an "enforce fail" RuntimeError without the reason)
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)   # the run's first save creates the folder
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        raise _write_failure(path, e, _tensor_bytes(obj)) from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def remove_stale_temporaries(output_dir):
-    """Removes the temporary checkpoint files (``TEMPORARY_RE``) that killed runs left in ``output_dir``; rank 0
-    calls it before its first save (one run writes to an output folder at a time)."""
-    if not is_main_process() or not output_dir or not os.path.isdir(output_dir):
-        return
-    for name in sorted(os.listdir(output_dir)):
-        path = os.path.join(output_dir, name)
-        if TEMPORARY_RE.fullmatch(name) and os.path.isfile(path):
-            size = os.path.getsize(path)
-            os.remove(path)
-            print0(f"removed {path} ({size / 2**20:.1f} MiB), a checkpoint an interrupted run did not finish")
-
-
-def _numpy_scalar_types():
-    # The release (like BEiT) sets each param group's lr from a numpy schedule, so its optimizer state holds
-    # numpy float64 scalars; unpickling one needs numpy's scalar constructor and dtype classes. These build
-    # plain numbers from bytes and run no other code.
-    scalar = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray
-    types = [scalar.scalar, np.dtype]
-    types += [getattr(np.dtypes, name) for name in ("Float64DType", "Float32DType", "Int64DType", "Int32DType",
-                                                    "BoolDType") if hasattr(np, "dtypes") and hasattr(np.dtypes, name)]
-    return types
-
-
-# what torch.load(weights_only=True) may build besides tensors, containers and plain values
-CHECKPOINT_SAFE_TYPES = [argparse.Namespace, *_numpy_scalar_types()]
-
-
-def load_checkpoint(path):
-    """``torch.load`` with ``weights_only=True``: tensors, containers and plain values only, plus
-    ``argparse.Namespace`` (the release's ``args``) and numpy scalars (the lr values in the release's
-    optimizer state). Never ``weights_only=False``: loading a file must not run pickled code."""
-    if not os.path.isfile(path):
-        raise UsageError(f"checkpoint {path} does not exist; check the path given to --resume/--finetune")
-    try:
-        with torch.serialization.safe_globals(CHECKPOINT_SAFE_TYPES):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        # torch's weights_only failures wrap the real reason (e.g. "Unsupported operand 44" for random
-        # bytes) in a banner that suggests weights_only=False; report the reason instead
-        reason = e.__context__ if "Weights only load failed" in str(e) and e.__context__ is not None else e
-        first = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
-        raise UsageError(f"cannot read checkpoint {path} ({first}); it is corrupt, truncated or not a "
-                         f"PyTorch checkpoint with plain tensors") from e
-
-
-def resume_candidates(output_dir):
-    """The checkpoints auto-resume may start from, newest first: checkpoint-last.pth, then checkpoint-N.pth by
-    falling N."""
-    if not output_dir:
-        return []
-    numbered = []
-    for path in glob.glob(os.path.join(glob.escape(output_dir), "checkpoint-*.pth")):
-        m = re.fullmatch(r"checkpoint-(\d+)\.pth", os.path.basename(path))
-        if m:
-            numbered.append((int(m.group(1)), path))
-    last = os.path.join(output_dir, "checkpoint-last.pth")
-    return ([last] if os.path.isfile(last) else []) + [path for _, path in sorted(numbered, reverse=True)]
-
-
-def load_resume_checkpoint(resume, output_dir, auto_resume=True):
-    """(path, checkpoint) to resume from, or ("", None): ``resume`` when given (an unreadable file is an error);
-    else, with ``auto_resume``, the newest of ``resume_candidates(output_dir)`` that loads, saying which newer
-    ones were skipped and why."""
-    if resume:
-        return resume, load_checkpoint(resume)
-    if not auto_resume:
-        return "", None
-    skipped = []
-    for path in resume_candidates(output_dir):
-        try:
-            ckpt = load_checkpoint(path)
-        except UsageError as e:
-            skipped.append((path, e))
-            continue
-        for bad, e in skipped:
-            print0(f"warning: auto-resume skips {bad}: {one_line_error(e)}; resuming from {path}")
-        return path, ckpt
-    if skipped:
-        raise UsageError(f"auto-resume found no readable checkpoint in {output_dir}: "
-                         + "; ".join(one_line_error(e) for _, e in skipped)
-                         + "; move the files away to start afresh, or pass --resume with a good checkpoint")
-    return "", None
-
-
-def optimizer_state_fits(optimizer, state):
-    """Whether a saved optimizer ``state`` (``state_dict()``) has ``optimizer``'s group sizes and, where it
-    holds AdamW moments, their shapes: a checkpoint of another model or grouping fails and is not loaded."""
-    groups = state.get("param_groups", [])
-    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
-        return False
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    ids = [i for g in groups for i in g["params"]]
-    for pid, p in zip(ids, params):
-        s = state.get("state", {}).get(pid, {})
-        if "exp_avg" in s and s["exp_avg"].shape != p.shape:
-            return False
-    return True
-
-
-def args_dict(args):
-    """``args`` as a dict of plain values (str, int, float, bool, None, lists and tuples of them): checkpoints
-    store it so, and ``torch.load(path)`` with PyTorch's default ``weights_only=True`` opens them."""
-    def plain(v):
-        if v is None or type(v) in (bool, int, float, str):
-            return v
-        if isinstance(v, np.bool_):
-            return bool(v)
-        if isinstance(v, (int, np.integer)):
-            return int(v)
-        if isinstance(v, (float, np.floating)):
-            return float(v)
-        if type(v) is tuple:
-            return tuple(plain(x) for x in v)
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {str(k): plain(x) for k, x in v.items()}
-        return str(v)
-    return {k: plain(v) for k, v in vars(args).items()}
-
-
-def checkpoint_args(ckpt):
-    """The ``args`` of a checkpoint as an argparse.Namespace: ours store a dict (``args_dict``), the release's
-    and our older ones a Namespace; empty when there are none."""
-    saved = ckpt.get("args") if isinstance(ckpt, dict) else None
-    if isinstance(saved, argparse.Namespace):
-        return argparse.Namespace(**vars(saved))
-    return argparse.Namespace(**saved) if isinstance(saved, dict) else argparse.Namespace()
-
-
-def warn_schedule_changes(args, ckpt, path, fields, accumulation="update_freq"):
-    """Prints one warning line when this run's schedule-defining ``fields`` (and total batch: batch_size x
-    ``accumulation`` x world_size) differ from those of the checkpoint it resumes: the lr and weight-decay
-    schedules are built from this run's values, so the resumed epochs follow another curve than the trained
-    ones did. Settings the checkpoint does not record are not compared."""
-    saved = checkpoint_args(ckpt)
-
-    def total(a):
-        parts = [getattr(a, k, None) for k in ("batch_size", accumulation, "world_size")]
-        return parts[0] * parts[1] * parts[2] if all(isinstance(p, int) for p in parts) else None
-
-    changes = []
-    for name, before, now in [*((f"--{k}", getattr(saved, k, None), getattr(args, k, None)) for k in fields),
-                              ("total batch", total(saved), total(args))]:
-        if isinstance(before, (int, float)) and isinstance(now, (int, float)) and not math.isclose(before, now):
-            changes.append(f"{name} {before:g} -> {now:g}")
-    if changes:
-        print0(f"warning: resuming {path} with another schedule: {', '.join(changes)}; the lr and weight-decay "
-               f"schedules are rebuilt from this run's values, so the remaining epochs do not continue the curve "
-               f"the trained ones followed (pass the checkpoint's values to continue it)")
-    return changes
-
-
 def run_cli(description, get_args_parser, main):
     """The entry points' command line: parse, run ``main(args)``, and report user errors (UsageError) and a
     diverged run (NonFiniteLossError) as one ``error: ...`` line with exit status 2, and a failed write
     (CheckpointWriteError) as one line with exit status 1; the process group is always torn down."""
     import sys
+    from checkpoints import CheckpointWriteError   # checkpoints imports this module
     args = argparse.ArgumentParser(description, parents=[get_args_parser()]).parse_args()
     try:
         main(args)

@@ -40,9 +40,9 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import checkpoints  # noqa: E402
 import knn  # noqa: E402
 import modeling_bootmae  # noqa: E402
-import utils  # noqa: E402
 from datasets import build_dataset  # noqa: E402
 
 ENCODER = dict(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3)
@@ -135,7 +135,7 @@ def evaluate(checkpoint, seed, train_set, test_set):
     encoder = modeling_bootmae.VisionTransformer(**ENCODER)
     encoder._init_encoder()  # the pretraining model's initialisation, for "no pretraining"
     if checkpoint is not None:
-        ckpt = utils.load_checkpoint(checkpoint)
+        ckpt = checkpoints.load_checkpoint(checkpoint)
         _, missing, _ = modeling_bootmae.load_encoder(encoder, modeling_bootmae.encoder_state_dict(ckpt, "model"))
         if missing:
             raise SystemExit(f"{checkpoint} lacks encoder tensors {missing[:3]}")

@@ -29,11 +29,11 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import checkpoints  # noqa: E402
 import knn  # noqa: E402
 import main_linprobe  # noqa: E402
 import modeling_bootmae  # noqa: E402
 import pretrained  # noqa: E402
-import utils  # noqa: E402
 from datasets import build_dataset  # noqa: E402
 
 
@@ -56,7 +56,7 @@ def run(cmd, log_path):
 def knn_of_checkpoint(args, path):
     train_set, val_set = eval_sets(args)
     model = pretrained.build_encoder("tiny", 32, args.patch_size)
-    pretrained.load_encoder_checked(model, path, "model_ema|model")
+    checkpoints.load_pretrained_encoder(model, path, "model_ema|model", new=("norm.",))
     loaders = [knn.build_loader(s, 500, 0) for s in (train_set, val_set)]
     return knn.knn_accuracy(model, *loaders, torch.device("cpu"), 20, 0.07, "avg")["top1"]
 
@@ -199,7 +199,7 @@ def main():
     tiny = {k: v for k, v in modeling_bootmae.MODEL_SIZES["tiny"].items() if k != "patch_size"}
     init = modeling_bootmae.BootMAE(img_size=32, patch_size=args.patch_size, decoder_dim=128, **tiny)
     init_path = os.path.join(out, "init.pth")
-    utils.save_on_master({"model": init.state_dict(), "epoch": -1}, init_path)
+    checkpoints.save_on_master({"model": init.state_dict(), "epoch": -1}, init_path)
 
     pre_dir = os.path.join(out, "pretrain")
     mask_num, block_budget, min_block, max_block = MASKS[args.patch_size]

@@ -18,6 +18,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts", "ablations"))
 
+import checkpoints  # noqa: E402
 import masking_generator  # noqa: E402
 import modeling_bootmae as mb  # noqa: E402
 import run_pretraining  # noqa: E402
@@ -447,7 +448,7 @@ def test_target_encoder_state_resumes_exactly(tmp_path):
             start = run_pretraining.resume(args, model, targets, optimizer, scaler)
             assert start == stop + 1
             _train_and_save(args, model, targets, range(start, 5), str(out), optimizer, scaler)
-        results.append(utils.load_checkpoint(str(out / "checkpoint-last.pth")))
+        results.append(checkpoints.load_checkpoint(str(out / "checkpoint-last.pth")))
     a, b = results
     assert a["target_encoder"]["kind"] == "mae_new" and "model_ema" not in a
     for key in ("fast", "slow"):
@@ -464,7 +465,7 @@ def test_default_checkpoint_keeps_the_release_layout(tmp_path):
     targets = build_target_encoder(args, model)
     run_pretraining.save_checkpoint(args, 1, model, targets, create_optimizer(args, model),
                                     utils.LossScaler("cpu", False))
-    ckpt = utils.load_checkpoint(str(tmp_path / "checkpoint-last.pth"))
+    ckpt = checkpoints.load_checkpoint(str(tmp_path / "checkpoint-last.pth"))
     assert set(ckpt) == {"model", "model_ema", "optimizer", "scaler", "epoch", "args"}
     assert ckpt["model_ema"].keys() == ckpt["model"].keys()
 
@@ -535,7 +536,7 @@ def test_cli_run_with_a_warmup_and_an_epoch_ema_target(tmp_path):
     log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
     assert [(r["train_pixel_weight"], r["train_feature_weight"]) for r in log] == [(1.0, 0.0), (0.0, 1.0)]
     assert log[0]["train_feature_loss"] == 0 and log[1]["train_pixel_loss"] == 0 and log[1]["train_feature_loss"] > 0
-    ckpt = utils.load_checkpoint(str(out / "checkpoint-last.pth"))
+    ckpt = checkpoints.load_checkpoint(str(out / "checkpoint-last.pth"))
     assert "model_ema" not in ckpt and ckpt["target_encoder"]["kind"] == "epoch_ema"
     encoder_keys = {k for k in ckpt["model"] if k.startswith(mb.ENCODER_PREFIXES)}
     assert ckpt["target_encoder"]["state"]["target"].keys() == encoder_keys

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import utils
 
 
@@ -18,7 +19,7 @@ def test_release_style_checkpoint_with_numpy_scalars_loads(tmp_path):
             "optimizer": {"state": {}, "param_groups": [{"lr": np.float64(2.4e-3), "params": [0]}]},
             "args": argparse.Namespace(lr=np.float64(1.5e-4), epochs=801)}
     torch.save(ckpt, path)
-    loaded = utils.load_checkpoint(str(path))
+    loaded = checkpoints.load_checkpoint(str(path))
     assert loaded["optimizer"]["param_groups"][0]["lr"] == pytest.approx(2.4e-3)
     assert loaded["args"].epochs == 801
     assert torch.equal(loaded["model"]["w"], torch.ones(2))
@@ -29,17 +30,17 @@ def test_arbitrary_objects_are_refused(tmp_path):
     # an object whose unpickling would call an arbitrary function
     torch.save({"model": {}, "payload": collections.Counter("abc"), "fn": os.getcwd}, path)
     with pytest.raises(utils.UsageError, match="cannot read checkpoint"):
-        utils.load_checkpoint(str(path))
+        checkpoints.load_checkpoint(str(path))
 
 
 def test_missing_file_is_a_usage_error(tmp_path):
     with pytest.raises(utils.UsageError, match="does not exist"):
-        utils.load_checkpoint(str(tmp_path / "nope.pth"))
+        checkpoints.load_checkpoint(str(tmp_path / "nope.pth"))
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint-last.pth")
-    utils.save_on_master({"epoch": 1}, path)
+    checkpoints.save_on_master({"epoch": 1}, path)
     before = open(path, "rb").read()
 
     def broken_save(obj, f, *a, **k):
@@ -47,8 +48,8 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(utils.CheckpointWriteError, match=r"cannot write .*checkpoint-last.pth \(No space left on "
+    with pytest.raises(checkpoints.CheckpointWriteError, match=r"cannot write .*checkpoint-last.pth \(No space left on "
                                                           r"device\); [0-9.]+ MiB free on "):
-        utils.save_on_master({"epoch": 2}, path)
+        checkpoints.save_on_master({"epoch": 2}, path)
     assert open(path, "rb").read() == before  # the good checkpoint is untouched
     assert os.listdir(tmp_path) == ["checkpoint-last.pth"]  # and no partial file is left behind

@@ -12,9 +12,9 @@ import os
 import pytest
 import torch
 
+import checkpoints
 import run_class_finetuning as rcf
 import run_pretraining
-import utils
 from test_finetune import _log as read_log, _run as run_finetuning
 from test_linprobe import make_npz, make_pretrained
 from test_pretraining_e2e import COMMON, _ok, run_cli
@@ -70,7 +70,7 @@ def check_run(stdout, out, compiled, losses, checkpoint):
     (record,) = read_log(out)
     for key in losses:
         assert math.isfinite(record[key]), (key, record)
-    ckpt = utils.load_checkpoint(os.path.join(out, checkpoint))
+    ckpt = checkpoints.load_checkpoint(os.path.join(out, checkpoint))
     assert {"model", "model_ema", "optimizer"} <= set(ckpt)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     return record, ckpt

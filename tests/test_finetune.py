@@ -18,9 +18,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import checkpoints  # noqa: E402
 import datasets  # noqa: E402
 import modeling_bootmae as mb  # noqa: E402
-import pretrained  # noqa: E402
 import run_class_finetuning as rcf  # noqa: E402
 import utils  # noqa: E402
 from engine_for_finetuning import evaluate, set_schedules  # noqa: E402
@@ -52,7 +52,7 @@ def test_release_checkpoint_transfers_every_encoder_tensor(tmp_path, capsys):
     path = tmp_path / "release.pth"
     torch.save({"model": release}, path)
     model = mb.VisionTransformerForClassification(**SMALL, num_classes=10)
-    loaded, missing, unused = pretrained.load_pretrained_encoder(model, str(path), "model")
+    loaded, missing, unused = checkpoints.load_pretrained_encoder(model, str(path), "model")
     expected = sorted(k for k in release if k.startswith(ENCODER))
     assert sorted(loaded) == expected
     state = model.state_dict()
@@ -67,7 +67,7 @@ def test_release_checkpoint_transfers_every_encoder_tensor(tmp_path, capsys):
     assert 0.5e-5 < model.head.weight.std().item() < 4e-5
     assert not model.head.bias.any() and bool((model.fc_norm.weight == 1).all())
     with pytest.raises(utils.UsageError, match="no 'model_ema' entry"):
-        pretrained.load_pretrained_encoder(model, str(path), "model_ema")
+        checkpoints.load_pretrained_encoder(model, str(path), "model_ema")
 
 
 def test_own_pretraining_checkpoint_transfers_and_other_input_size(tmp_path):
@@ -81,7 +81,7 @@ def test_own_pretraining_checkpoint_transfers_and_other_input_size(tmp_path):
     for key, source in (("model", pre), ("model_ema", ema)):
         # pretrained on a 4x4 grid, fine-tuned on 8x8: the sin-cos table follows the input grid
         model = mb.VisionTransformerForClassification(**SMALL, num_classes=10).eval()
-        loaded, missing, _ = pretrained.load_pretrained_encoder(model, str(path), key)
+        loaded, missing, _ = checkpoints.load_pretrained_encoder(model, str(path), key)
         src = source.state_dict()
         assert sorted(loaded) == sorted(k for k in src if k.startswith(ENCODER))
         assert all(torch.equal(model.state_dict()[k], src[k]) for k in loaded)
@@ -199,7 +199,7 @@ def test_single_process_train_resume_and_eval(files, capsys):
     written = os.listdir(out)
     assert {"checkpoint-best.pth", "checkpoint-last.pth", "log.txt"} <= set(written)
     assert any(name.startswith("events.out.tfevents") for name in written)
-    best = utils.load_checkpoint(str(out / "checkpoint-best.pth"))
+    best = checkpoints.load_checkpoint(str(out / "checkpoint-best.pth"))
     assert best["max_accuracy"] == max(max(r["test_acc1"], r["test_ema_acc1"]) for r in log)
     assert log[best["epoch"]]["max_accuracy"] == best["max_accuracy"]
     # --eval of the last checkpoint gives exactly the numbers logged at the end of training
@@ -235,7 +235,7 @@ def test_torchrun_two_processes_and_sharded_eval(files):
     (record,) = _log(out)
     assert record["test_num_images"] == 10  # the shards hold each test image once
     # the checkpoint, evaluated in this single process, scores what the two shards scored together
-    ckpt = utils.load_checkpoint(str(out / "checkpoint-last.pth"))
+    ckpt = checkpoints.load_checkpoint(str(out / "checkpoint-last.pth"))
     model = mb.bootmae_tiny_patch16_224(img_size=32, patch_size=4, num_classes=10)
     rcf.load_classifier(model, ckpt["model"], "checkpoint-last.pth")
     args = argparse.Namespace(data_set="npz", data_path=files["data"], input_size=32, crop_pct=1.0)
@@ -259,7 +259,7 @@ def test_deepspeed_zero1_bf16_train_resume_and_eval(files, capsys):
     assert [r["epoch"] for r in log] == [0, 1]
     # the lr_scale of every group reached DeepSpeed's optimizer: the patch embedding's lr is 0.75^13 x the head's
     assert log[-1]["train_min_lr"] == pytest.approx(log[-1]["train_lr"] * 0.75 ** 13)
-    best_epoch = utils.load_checkpoint(str(out / "checkpoint-last.pth"))["best_epoch"]
+    best_epoch = checkpoints.load_checkpoint(str(out / "checkpoint-last.pth"))["best_epoch"]
     assert sorted(os.listdir(out / "deepspeed")) == sorted(
         {f"epoch-{e}" for e in (1, best_epoch)} | {"latest", "zero_to_fp32.py", "zero_to_torch.py"})
     # the plain checkpoint holds the fp32 weights; --eval in the engine's precision reproduces the log exactly

@@ -19,6 +19,7 @@ import torch
 from timm.loss import LabelSmoothingCrossEntropy
 from timm.utils import ModelEmaV3
 
+import checkpoints
 import main_linprobe
 import modeling_bootmae as mb
 import run_class_finetuning as rcf
@@ -124,7 +125,7 @@ def test_finetuning_learns_and_its_ema_is_the_ema_of_the_steps(colours, tmp_path
     assert log[-1]["train_loss"] < 0.5 * log[0]["train_loss"], [r["train_loss"] for r in log]
     assert log[-1]["test_acc1"] >= ACCURACY_BAR, [r["test_acc1"] for r in log]
     assert log[-1]["test_loss"] < 0.5 * math.log(4)
-    ckpt = utils.load_checkpoint(str(out / "checkpoint-last.pth"))
+    ckpt = checkpoints.load_checkpoint(str(out / "checkpoint-last.pth"))
     assert_states_close(ckpt["model"], rec.last, "online weights after the last step", rtol=0, atol=0)
     # the head moved far from its 0.001-scaled initialisation (450 x its norm in this run)
     head0, head = rec.before_first["head.weight"], ckpt["model"]["head.weight"]
@@ -222,7 +223,7 @@ def test_linear_probe_learns(probe_data, tmp_path):
     assert log[-1]["train_loss"] < 0.5 * log[0]["train_loss"], [r["train_loss"] for r in log]
     assert log[-1]["test_acc1"] >= ACCURACY_BAR, [r["test_acc1"] for r in log]
     assert log[-1]["test_loss"] < 0.5 * math.log(4)
-    ckpt = utils.load_checkpoint(str(out / "checkpoint-last.pth"))
+    ckpt = checkpoints.load_checkpoint(str(out / "checkpoint-last.pth"))
     weight0, weight = rec.before_first[0], ckpt["model"]["head.1.weight"]
     assert torch.equal(weight, rec.last[0])
     assert (weight - weight0).norm() > 0.5 * weight0.norm()  # 1.9 x in this run

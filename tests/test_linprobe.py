@@ -14,6 +14,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import checkpoints  # noqa: E402
 import main_linprobe  # noqa: E402
 import modeling_bootmae  # noqa: E402
 import utils  # noqa: E402
@@ -133,7 +134,7 @@ def test_single_process_then_eval_reproduces(probe_data, tmp_path):
     log = read_log(out)
     assert [r["epoch"] for r in log] == [0, 1]
     assert all(0 <= r["test_acc1"] <= r["test_acc5"] <= 100 and r["test_n"] == 32 for r in log)
-    ckpt = utils.load_checkpoint(str(out / "checkpoint-last.pth"))
+    ckpt = checkpoints.load_checkpoint(str(out / "checkpoint-last.pth"))
     # only what trains: the head's Linear and BN statistics, plus optimizer, epoch, args
     assert set(ckpt["model"]) == {"head.0.running_mean", "head.0.running_var", "head.0.num_batches_tracked",
                                   "head.1.weight", "head.1.bias"}

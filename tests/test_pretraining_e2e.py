@@ -27,6 +27,7 @@ if ROOT not in sys.path:
 
 import modeling_bootmae  # noqa: E402
 from engine_for_pretraining import WALL_CLOCK_STATS, ema_momentum_at  # noqa: E402
+import checkpoints  # noqa: E402
 import utils  # noqa: E402
 
 TIMEOUT = 300
@@ -69,7 +70,7 @@ def _log(out):
 
 
 def _load(path):
-    """As utils.load_checkpoint does: weights only, argparse.Namespace the one allowed extra type."""
+    """As checkpoints.load_checkpoint does: weights only, argparse.Namespace the one allowed extra type."""
     with torch.serialization.safe_globals([argparse.Namespace]):
         return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -146,7 +147,7 @@ def test_cpu_demo_run_outputs(run_a):
     assert ckpt["epoch"] == EPOCHS - 1
     assert isinstance(ckpt["args"], dict)   # plain values: torch.load's defaults open the file
     assert ckpt["args"]["model"] == "bootmae_tiny" and ckpt["args"]["lr"] == 1.5e-4   # the base lr, as given
-    assert utils.load_checkpoint(os.path.join(out, "checkpoint-last.pth"))["epoch"] == EPOCHS - 1
+    assert checkpoints.load_checkpoint(os.path.join(out, "checkpoint-last.pth"))["epoch"] == EPOCHS - 1
     numbered = _load(os.path.join(out, "checkpoint-2.pth"))
     assert numbered["epoch"] == EPOCHS - 1
     _assert_states_equal(numbered["model"], ckpt["model"], "checkpoint-2 vs checkpoint-last")

@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import checkpoints  # noqa: E402
 import main_linprobe  # noqa: E402
 import run_class_finetuning  # noqa: E402
 import run_pretraining  # noqa: E402
@@ -119,7 +120,7 @@ def test_kills_inside_checkpoint_writes_lose_no_epoch(tmp_path, monkeypatch, cap
         tmp = _kill_inside_save(tmp_path, nth, argv)
         assert os.path.basename(tmp).startswith(half_written + ".tmp.") and os.path.exists(tmp)
         assert _temporaries(out) == [os.path.basename(tmp)]   # the next run removed the one before
-    assert utils.load_checkpoint(os.path.join(out, "checkpoint-last.pth"))["epoch"] == 1
+    assert checkpoints.load_checkpoint(os.path.join(out, "checkpoint-last.pth"))["epoch"] == 1
     code, stdout, err = _run_cli(run_pretraining, argv, monkeypatch, capsys)
     assert code == 0, err
     assert "continuing at epoch 2" in stdout
@@ -127,8 +128,8 @@ def test_kills_inside_checkpoint_writes_lose_no_epoch(tmp_path, monkeypatch, cap
     assert "1 record(s) from epoch 2 on dropped, left by an interrupted run" in stdout
     assert _log_epochs(out) == [0, 1, 2]
     for epoch in range(3):
-        assert utils.load_checkpoint(os.path.join(out, f"checkpoint-{epoch}.pth"))["epoch"] == epoch
-    assert utils.load_checkpoint(os.path.join(out, "checkpoint-last.pth"))["epoch"] == 2
+        assert checkpoints.load_checkpoint(os.path.join(out, f"checkpoint-{epoch}.pth"))["epoch"] == epoch
+    assert checkpoints.load_checkpoint(os.path.join(out, "checkpoint-last.pth"))["epoch"] == 2
     assert _temporaries(out) == []
 
 
@@ -159,13 +160,13 @@ def test_full_disk_is_one_line_and_keeps_the_earlier_checkpoints(tmp_path, monke
     assert lines[0].startswith(f"error: cannot write {out}/checkpoint-1.pth (No space left on device); ")
     assert " MiB free on " in lines[0] and "it needs about" in lines[0]
     assert os.path.basename(half_written[0]).startswith("checkpoint-1.pth.tmp.") and _temporaries(out) == []
-    assert utils.load_checkpoint(os.path.join(out, "checkpoint-0.pth"))["epoch"] == 0
-    assert utils.load_checkpoint(os.path.join(out, "checkpoint-last.pth"))["epoch"] == 0
+    assert checkpoints.load_checkpoint(os.path.join(out, "checkpoint-0.pth"))["epoch"] == 0
+    assert checkpoints.load_checkpoint(os.path.join(out, "checkpoint-last.pth"))["epoch"] == 0
     assert not os.path.exists(os.path.join(out, "checkpoint-1.pth"))
     code, _, err = _run_cli(run_pretraining, argv, monkeypatch, capsys)
     assert code == 0, err
     assert _log_epochs(out) == [0, 1]
-    assert utils.load_checkpoint(os.path.join(out, "checkpoint-1.pth"))["epoch"] == 1
+    assert checkpoints.load_checkpoint(os.path.join(out, "checkpoint-1.pth"))["epoch"] == 1
 
 
 def test_unwritable_log_is_one_line(tmp_path, monkeypatch):
@@ -177,9 +178,9 @@ def test_unwritable_log_is_one_line(tmp_path, monkeypatch):
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr("builtins.open", no_permission)
-    with pytest.raises(utils.CheckpointWriteError, match=r"cannot write .*log.txt \(Permission denied\); [0-9.]+ MiB "
-                                                         r"free on "):
-        utils.append_log(str(tmp_path), {"epoch": 0})
+    with pytest.raises(checkpoints.CheckpointWriteError,
+                       match=r"cannot write .*log.txt \(Permission denied\); [0-9.]+ MiB free on "):
+        checkpoints.append_log(str(tmp_path), {"epoch": 0})
 
 
 # ---------------------------------------------------------------------------------------------- resume
@@ -203,7 +204,7 @@ def test_resume_falls_back_past_an_unreadable_last_and_warns_of_another_schedule
     assert f"{out}/checkpoint-1.pth with another schedule: --epochs 2 -> 3, --lr 0.00015 -> 0.0003;" in warning
     assert "total batch" not in warning   # 8 x 1 and 4 x 2
     assert _log_epochs(out) == [0, 1, 2]
-    assert utils.load_checkpoint(last)["epoch"] == 2
+    assert checkpoints.load_checkpoint(last)["epoch"] == 2
 
     # the same schedule again (3 epochs, nothing left to train): no warning
     code, stdout, _ = _run_cli(run_pretraining, argv, monkeypatch, capsys)
@@ -230,17 +231,17 @@ def test_resume_candidates_newest_first(tmp_path):
     for name in ("checkpoint-2.pth", "checkpoint-10.pth", "checkpoint-last.pth", "checkpoint-best.pth",
                  "checkpoint-3.pth.tmp.123"):
         (tmp_path / name).write_bytes(b"")
-    assert [os.path.basename(p) for p in utils.resume_candidates(str(tmp_path))] == \
+    assert [os.path.basename(p) for p in checkpoints.resume_candidates(str(tmp_path))] == \
         ["checkpoint-last.pth", "checkpoint-10.pth", "checkpoint-2.pth"]
 
 
 def test_a_record_replaces_those_of_its_epoch_and_later(tmp_path, capsys):
     lines = [json.dumps({"epoch": e, "train_loss": 1.0}) for e in (0, 1, 2, 3)] + ['{"epoch": 4, "tra']
     (tmp_path / "log.txt").write_text("\n".join(lines))
-    utils.append_log(str(tmp_path), {"epoch": 2, "train_loss": 0.5})
+    checkpoints.append_log(str(tmp_path), {"epoch": 2, "train_loss": 0.5})
     assert (tmp_path / "log.txt").read_text().splitlines() == lines[:2] + ['{"epoch": 2, "train_loss": 0.5}']
     assert "3 record(s) from epoch 2 on dropped" in capsys.readouterr().out
-    utils.append_log(str(tmp_path), {"epoch": 3, "train_loss": 0.25})   # nothing to drop
+    checkpoints.append_log(str(tmp_path), {"epoch": 3, "train_loss": 0.25})   # nothing to drop
     assert [json.loads(line)["epoch"] for line in (tmp_path / "log.txt").read_text().splitlines()] == [0, 1, 2, 3]
     assert "dropped" not in capsys.readouterr().out
 
@@ -250,7 +251,7 @@ def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
     stale = ["checkpoint-last.pth.tmp.4242", "checkpoint-7.pth.tmp.17"]
     for name in keep + stale:
         (tmp_path / name).write_bytes(b"x" * 10)
-    utils.remove_stale_temporaries(str(tmp_path))
+    checkpoints.remove_stale_temporaries(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == sorted(keep)
 
 
@@ -273,8 +274,8 @@ def test_new_checkpoints_open_with_plain_torch_load(tmp_path, monkeypatch, capsy
     os.makedirs(args.output_dir)
     model = torch.nn.Linear(3, 2)
     written = []
-    real_save = utils.save_on_master
-    monkeypatch.setattr(utils, "save_on_master", lambda obj, path: (written.append(os.path.basename(path)),
+    real_save = checkpoints.save_on_master
+    monkeypatch.setattr(checkpoints, "save_on_master", lambda obj, path: (written.append(os.path.basename(path)),
                                                                      real_save(obj, path)))
     run_class_finetuning.save_checkpoints(args, 1, model, torch.optim.AdamW(model.parameters()),
                                           utils.LossScaler("cpu", False), None, {"acc1": 50.0, "epoch": 1}, True)
@@ -301,30 +302,30 @@ def test_namespace_args_still_load(tmp_path):
     namespace = argparse.Namespace(model="bootmae_tiny", input_size=32, epochs=801, size="tiny", depth=12,
                                    global_pool=True, patch_size=None)
     torch.save({"model": {"w": torch.ones(1)}, "epoch": 3, "args": namespace}, old)
-    torch.save({"model": {"w": torch.ones(1)}, "epoch": 3, "args": utils.args_dict(namespace)}, new)
+    torch.save({"model": {"w": torch.ones(1)}, "epoch": 3, "args": checkpoints.args_dict(namespace)}, new)
     with pytest.raises(Exception, match="Weights only load failed"):
         torch.load(old)
     assert torch.load(new)["args"] == vars(namespace)
     for path in (old, new):
-        resumed, ckpt = utils.load_resume_checkpoint(path, "", True)
+        resumed, ckpt = checkpoints.load_resume_checkpoint(path, "", True)
         assert resumed == path and ckpt["epoch"] == 3
-        assert utils.checkpoint_args(ckpt) == namespace
+        assert checkpoints.checkpoint_args(ckpt) == namespace
         # the linear probe's checks read either kind
         probe = argparse.Namespace(size="tiny", depth=12, global_pool=True, patch_size=None, finetune="",
                                    model_key="model|module")
-        main_linprobe.inherit_from_checkpoint(probe, utils.checkpoint_args(ckpt), path)
-        main_linprobe.check_matches_checkpoint(probe, utils.checkpoint_args(ckpt), path)
+        main_linprobe.inherit_from_checkpoint(probe, checkpoints.checkpoint_args(ckpt), path)
+        main_linprobe.check_matches_checkpoint(probe, checkpoints.checkpoint_args(ckpt), path)
         probe.depth = 6
         with pytest.raises(utils.UsageError, match="--depth 6 differs from the 12"):
-            main_linprobe.check_matches_checkpoint(probe, utils.checkpoint_args(ckpt), path)
-    assert utils.checkpoint_args({"model": {}}) == argparse.Namespace()
+            main_linprobe.check_matches_checkpoint(probe, checkpoints.checkpoint_args(ckpt), path)
+    assert checkpoints.checkpoint_args({"model": {}}) == argparse.Namespace()
 
 
 def test_args_dict_keeps_plain_values():
     import numpy as np
     args = argparse.Namespace(a=1, b=np.float64(0.5), c=(0.9, np.float32(0.95)), d=[1, 2], e=None,
                               f=np.int64(3), g=np.bool_(True), h=torch.device("cpu"), i="x")
-    d = utils.args_dict(args)
+    d = checkpoints.args_dict(args)
     assert d == {"a": 1, "b": 0.5, "c": (0.9, 0.949999988079071), "d": [1, 2], "e": None, "f": 3, "g": True,
                  "h": "cpu", "i": "x"}
     assert [type(d[k]) for k in "bfg"] == [float, int, bool]
@@ -339,7 +340,7 @@ def test_checkpoint_write_failure_removes_the_temporary(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", failing)
     path = str(tmp_path / "checkpoint-3.pth")
-    with pytest.raises(utils.CheckpointWriteError, match=r"checkpoint-3.pth \(\[enforce fail .*\); [0-9.]+ MiB free "
-                                                         r"on .*it needs about 0.0 MiB"):
-        utils.save_on_master({"w": torch.zeros(4)}, path)
+    with pytest.raises(checkpoints.CheckpointWriteError,
+                       match=r"checkpoint-3.pth \(\[enforce fail .*\); [0-9.]+ MiB free on .*it needs about 0.0 MiB"):
+        checkpoints.save_on_master({"w": torch.zeros(4)}, path)
     assert os.listdir(tmp_path) == []

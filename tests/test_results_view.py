@@ -13,6 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import checkpoints  # noqa: E402
 import run_class_finetuning  # noqa: E402
 import run_pretraining  # noqa: E402
 import utils  # noqa: E402
@@ -125,7 +126,7 @@ def test_save_ckpt_freq_zero_keeps_no_numbered_checkpoints(runs):
     folder = runs[0]
     names = sorted(os.listdir(folder))
     assert [n for n in names if n.startswith("checkpoint")] == ["checkpoint-last.pth"]
-    assert utils.load_checkpoint(os.path.join(folder, "checkpoint-last.pth"))["epoch"] == 1
+    assert checkpoints.load_checkpoint(os.path.join(folder, "checkpoint-last.pth"))["epoch"] == 1
     assert "reconstruction.png" in names
     assert [e.step for e in _tensorboard_images(folder)] == [1]   # at the end only
 

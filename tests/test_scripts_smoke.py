@@ -36,6 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import checkpoints  # noqa: E402
 import main_linprobe  # noqa: E402
 import run_class_finetuning  # noqa: E402
 import run_pretraining  # noqa: E402
@@ -330,9 +331,9 @@ def _run_script(script, out, **env):
         log = [json.loads(line) for line in f]
     assert [r["epoch"] for r in log] == [0]
     assert math.isfinite(log[0]["train_loss"])
-    ckpt = utils.load_checkpoint(os.path.join(out, "checkpoint-last.pth"))
+    ckpt = checkpoints.load_checkpoint(os.path.join(out, "checkpoint-last.pth"))
     assert ckpt["epoch"] == 0
-    return utils.checkpoint_args(ckpt), proc.stdout
+    return checkpoints.checkpoint_args(ckpt), proc.stdout
 
 
 def _assert_recorded(script, recorded, **env_values):

@@ -54,8 +54,9 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
-import tables  # noqa: E402
+import checkpoints  # noqa: E402
 import run_pretraining  # noqa: E402
+import tables  # noqa: E402
 import utils  # noqa: E402
 from engine_for_pretraining import target_patch_count  # noqa: E402
 
@@ -259,7 +260,7 @@ def init_checkpoint(args, path):
     torch.manual_seed(args.seed)
     model = run_pretraining.build_model(args)
     # save_on_master writes atomically (temporary file, then rename) and creates the folder
-    utils.save_on_master({"model": model.state_dict(), "epoch": -1, "args": utils.args_dict(args)}, path)
+    checkpoints.save_on_master({"model": model.state_dict(), "epoch": -1, "args": checkpoints.args_dict(args)}, path)
 
 
 def best_top1(log_path):
