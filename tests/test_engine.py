@@ -417,12 +417,12 @@ class _ExactRegressor(torch.nn.Module):
 def test_reconstruction_image_undoes_each_pixel_norm(tmp_path, norm):
     from PIL import Image
 
-    import run_pretraining
+    import visualize
     g = torch.Generator().manual_seed(4)
     items = [((torch.rand(3, 32, 32, generator=g) * 2 - 1), torch.rand(16, generator=g) < 0.75) for _ in range(2)]
     args = argparse.Namespace(pixel_norm=norm, imagenet_default_mean_and_std=False)
     path = str(tmp_path / "reconstruction.png")
-    panels = run_pretraining.save_reconstruction(args, _ExactRegressor(norm), items, torch.device("cpu"), path)
+    panels = visualize.save_reconstruction(args, _ExactRegressor(norm), items, torch.device("cpu"), path)
     # input == the prediction pasted into the masked patches; prediction panel == target panel
     assert (panels[:, 4] - panels[:, 0]).abs().max() < 1e-5
     assert torch.equal(panels[:, 3], panels[:, 2])
