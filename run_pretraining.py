@@ -320,7 +320,8 @@ def build_data(args, device):
         raise utils.UsageError(f"{len(dataset)} images over {world} processes give no full step of --batch_size "
                                f"{args.batch_size} x --update_freq {args.update_freq}; lower them or add data")
     utils.print0(f"data: {len(dataset)} images, {len(loader)} batches of {args.batch_size} per process, "
-                 f"transform {dataset.transform!r}" if hasattr(dataset, "transform") else f"data: {len(dataset)} images")
+                 f"transform {dataset.transform!r}" if hasattr(dataset, "transform")
+                 else f"data: {len(dataset)} images")
     return dataset, sampler, loader
 
 
