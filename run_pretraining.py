@@ -53,7 +53,7 @@ class PresetAction(argparse.Action):
 def get_args_parser():
     p = argparse.ArgumentParser("BootMAE pretraining", add_help=False)
     p.add_argument("--batch_size", default=256, type=int, help="images per process and step")
-    p.add_argument("--epochs", default=800, type=int)
+    p.add_argument("--epochs", default=800, type=int, help="epochs of the lr and weight-decay schedules")
     p.add_argument("--update_freq", default=1, type=int, help="gradient accumulation steps")
     p.add_argument("--save_ckpt_freq", default=20, type=int,
                    help="also keep checkpoint-N.pth every N epochs and after the last, and redraw the "

@@ -261,7 +261,9 @@ def test_create_optimizer_is_adamw_with_release_betas():
 def _engine_args(**kw):
     a = dict(update_freq=1, feature_weight=1.0, epochs=4, model_ema_decay=0.999, model_ema_dynamic=False,
              model_ema_warmup_epochs=100, model_ema_dynamic_epochs=400, weight_mask=False, clip_grad=None,
-             print_freq=100, weight_decay=0.05, lr=1e-3, model_ema=True)
+             print_freq=100, weight_decay=0.05, lr=1e-3, model_ema=True, pixel_warmup_epochs=0, pixel_weight=1.0,
+             feature_ramp=0.25, target_fraction=1.0, pixel_norm="channel", compile=False, data_pipeline="pil",
+             target_encoder="ema")
     a.update(kw)
     return argparse.Namespace(**a)
 
