@@ -162,10 +162,10 @@ def feature_weight_at(epoch, feature_weight, epochs, ramp=0.25):
 def loss_weights_at(epoch, args):
     """(pixel weight, feature weight) of an epoch. During ``--pixel_warmup_epochs`` (the report's WSE) the
     loss is the pixel loss alone; afterwards ``--pixel_weight`` and the ramped ``--feature_weight``."""
-    if epoch < getattr(args, "pixel_warmup_epochs", 0):
+    if epoch < args.pixel_warmup_epochs:
         return 1.0, 0.0
-    return (getattr(args, "pixel_weight", 1.0),
-            feature_weight_at(epoch, args.feature_weight, args.epochs, getattr(args, "feature_ramp", 0.25)))
+    return (args.pixel_weight,
+            feature_weight_at(epoch, args.feature_weight, args.epochs, args.feature_ramp))
 
 
 def ema_momentum_at(epoch, start=0.999, dynamic=False, warmup_epochs=100, dynamic_epochs=400):
@@ -303,10 +303,10 @@ def train_one_epoch(model, targets, data_loader, optimizer, loss_scaler, device,
     momentum = ema_momentum_at(epoch, args.model_ema_decay, args.model_ema_dynamic,
                                args.model_ema_warmup_epochs, args.model_ema_dynamic_epochs)
     use_targets = targets is not None and feature_weight > 0
-    fraction = getattr(args, "target_fraction", 1.0)
-    pixel_norm = getattr(args, "pixel_norm", "channel")
+    fraction = args.target_fraction
+    pixel_norm = args.pixel_norm
     # under --compile the loss is compiled too: its normalisations and reductions become a few kernels
-    loss_fn = torch.compile(bootmae_loss) if getattr(args, "compile", False) else bootmae_loss
+    loss_fn = torch.compile(bootmae_loss) if args.compile else bootmae_loss
     scaler = loss_scaler.scaler
     params = [p for p in model.parameters() if p.requires_grad]
     if use_targets:
@@ -354,7 +354,7 @@ def train_one_epoch(model, targets, data_loader, optimizer, loss_scaler, device,
         log.add(it, loss, pix, fea, grad_norm)
         if update and (step % args.print_freq == 0 or step + 1 == steps_per_epoch):
             log.print_step(step, it, optimizer.param_groups[0]["lr"], feature_weight, momentum)
-    stats, timing = log.finish(getattr(args, "data_pipeline", "pil"))
+    stats, timing = log.finish(args.data_pipeline)
     if use_targets:
         targets.end_epoch(epoch, unwrapped)
     stats.update(lr=optimizer.param_groups[0]["lr"], feature_weight=feature_weight, ema_momentum=momentum,

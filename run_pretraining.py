@@ -12,21 +12,20 @@ import json
 import os
 import time
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from timm.models import create_model
 
 import checkpoints
 import knn
-import modeling_bootmae  # noqa: F401  (registers the bootmae_* models with timm)
+import modeling_bootmae
 import utils
-from datasets import DATA_PIPELINES, build_pretraining_dataset, build_pretraining_loader, mean_std
-from engine_for_pretraining import (PIXEL_NORMS, normalized_pixel_target, patchify, pixels_of_prediction,
-                                    target_patch_count, train_one_epoch, unpatchify)
-from modeling_bootmae import from_release_state_dict, is_release_state_dict
+from datasets import DATA_PIPELINES, build_pretraining_dataset, build_pretraining_loader
+from engine_for_pretraining import PIXEL_NORMS, target_patch_count, train_one_epoch
 from optim_factory import create_optimizer
-from target_encoders import TARGET_ENCODERS, build_target_encoder, copy_encoder
+from pretraining_state import (build_model, keeps_numbered_checkpoint, load_fixed_target, resume, save_checkpoint,
+                               write_metrics)
+from target_encoders import TARGET_ENCODERS, build_target_encoder
+from visualize import save_reconstruction
 
 
 # The MAE paper's pretraining (He et al., 2022) as flags of this script: pixel target only (no feature
@@ -55,7 +54,7 @@ class PresetAction(argparse.Action):
 def get_args_parser():
     p = argparse.ArgumentParser("BootMAE pretraining", add_help=False)
     p.add_argument("--batch_size", default=256, type=int, help="images per process and step")
-    p.add_argument("--epochs", default=800, type=int)
+    p.add_argument("--epochs", default=800, type=int, help="epochs of the lr and weight-decay schedules")
     p.add_argument("--update_freq", default=1, type=int, help="gradient accumulation steps")
     p.add_argument("--save_ckpt_freq", default=20, type=int,
                    help="also keep checkpoint-N.pth every N epochs and after the last, and redraw the "
@@ -303,65 +302,6 @@ def check_ablation_args(args, depth, num_patches):
             raise utils.UsageError(f"--{flag} {width} must be a positive multiple of 4 (sin-cos position table)")
 
 
-def model_kwargs(args):
-    """Constructor arguments of the model the flags describe (the release's BootMAE by default). Which
-    branches exist: the pixel regressor unless the pixel loss is off for the whole run, the feature predictor
-    unless --feature_weight 0 (then no target encoder either: nothing unused under DDP)."""
-    pixel_branch = args.pixel_weight > 0 or args.pixel_warmup_epochs > 0
-    kw = dict(img_size=args.input_size, patch_size=args.patch_size, drop_path_rate=args.drop_path,
-              decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth)
-    if not pixel_branch:
-        kw["pixel_branch"] = False
-    if args.feature_weight == 0:
-        kw["feature_branch"] = False
-    if args.context in ("feature", "none"):
-        kw["pixel_context"] = False
-    if args.context in ("pixel", "none"):
-        kw["feature_context"] = False
-    if list(args.context_blocks) != [0, -1]:
-        kw["context_blocks"] = tuple(args.context_blocks)
-    for flag, key in (("encoder_dim", "embed_dim"), ("encoder_depth", "depth"), ("encoder_heads", "num_heads"),
-                      ("decoder_num_heads", "decoder_num_heads")):
-        if getattr(args, flag):
-            kw[key] = getattr(args, flag)
-    if args.feature_decoder_dim:
-        kw["feature_decoder_dim"] = args.feature_decoder_dim
-    return kw
-
-
-def build_model(args, **overrides):
-    """The online model of the flags; ``overrides`` replace constructor arguments (the tests shrink models)."""
-    model = create_model(args.model, **{**model_kwargs(args), **overrides})
-    model.default_cfg_name = args.model
-    return model
-
-
-def load_fixed_target(args, model):
-    """The frozen encoder of --target_checkpoint, with ``model``'s encoder architecture. Reads our and the
-    release's checkpoints and MAE's (its full qkv bias is split, and its position table, which orders the
-    sin-cos columns differently from ours, is used as stored)."""
-    path, key = args.target_checkpoint, args.target_checkpoint_key
-    ckpt = checkpoints.load_checkpoint(path)
-    try:
-        state = modeling_bootmae.split_qkv_bias(modeling_bootmae.encoder_state_dict(ckpt, key))
-    except ValueError as e:
-        raise utils.UsageError(f"--target_checkpoint {path}: {utils.one_line_error(e)}") from e
-    net = copy_encoder(model)
-    try:
-        _, missing, _ = modeling_bootmae.load_encoder(net, state)
-    except ValueError as e:
-        raise utils.UsageError(f"--target_checkpoint {path}: {utils.one_line_error(e)}") from e
-    if missing:
-        raise utils.UsageError(f"--target_checkpoint {path} lacks {len(missing)} encoder tensors of --model "
-                               f"{args.model} (e.g. {missing[0]}); give a checkpoint of the same model size")
-    entry = next((ckpt[k] for k in key.split("|") if isinstance(ckpt, dict) and isinstance(ckpt.get(k), dict)), ckpt)
-    table = entry.get("pos_embed") if isinstance(entry, dict) else None
-    if torch.is_tensor(table) and table.shape == net.pos_embed.shape:
-        net.pos_embed.copy_(table)
-    utils.print0(f"fixed target encoder: {path} (entry '{key}'), {len(state)} tensors")
-    return net
-
-
 def resolve_device_defaults(args, device):
     """--amp and --compile for the device (see their help); returns the autocast dtype."""
     args.amp, amp_dtype = utils.resolve_amp(args.amp, device)
@@ -370,197 +310,8 @@ def resolve_device_defaults(args, device):
     return amp_dtype
 
 
-def _model_state(state_dict):
-    return from_release_state_dict(state_dict) if is_release_state_dict(state_dict) else state_dict
-
-
-def _check_shapes(model, state_dict, path, what):
-    own = model.state_dict()
-    bad = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
-    missing = [k for k in own if k not in state_dict]
-    extra = [k for k in state_dict if k not in own]
-    if bad or missing or extra:
-        if bad:
-            detail = f"{len(bad)} tensors of another shape (e.g. {bad[0]}: {tuple(state_dict[bad[0]].shape)} vs " \
-                     f"{tuple(own[bad[0]].shape)})"
-        elif missing:
-            detail = f"{len(missing)} missing tensors (e.g. {missing[0]})"
-        else:
-            detail = f"{len(extra)} tensors this configuration does not have (e.g. {extra[0]})"
-        raise utils.UsageError(f"{path} holds a {what} that does not fit --model {model.default_cfg_name}: "
-                               f"{detail}; pass the --model (and decoder and ablation flags) it was trained with")
-
-
-def resume(args, model, targets, optimizer, loss_scaler):
-    """Loads model, target encoder (the momentum encoder's ``model_ema``, or ``target_encoder``), optimizer
-    and scaler state; returns the epoch to start from. Accepts our checkpoints and the release's (its key
-    names are converted). Warns when the schedule-defining flags differ from the checkpoint's (``args.lr``
-    is the base lr here, as checkpoints store it)."""
-    path, ckpt = checkpoints.load_resume_checkpoint(args.resume, args.output_dir, args.auto_resume)
-    if ckpt is None:
-        return args.start_epoch
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise utils.UsageError(f"{path} has no 'model' entry; it is not a pretraining checkpoint")
-    state = _model_state(ckpt["model"])
-    _check_shapes(model, state, path, "model")
-    model.load_state_dict(state)
-    release = is_release_state_dict(ckpt["model"])
-    if targets is not None and targets.kind == "ema":
-        momentum_encoder = targets.ema
-        if "model_ema" in ckpt:
-            ema_state = _model_state(ckpt["model_ema"])
-            _check_shapes(momentum_encoder.module, ema_state, path, "momentum encoder")
-            momentum_encoder.module.load_state_dict(ema_state)
-        else:
-            utils.print0(f"resume: {path} has no model_ema; the momentum encoder starts from the model")
-            momentum_encoder.module.load_state_dict(state)
-    elif targets is not None:
-        saved = ckpt.get("target_encoder")
-        if saved is None:
-            how = ("read from --target_checkpoint" if targets.kind == "fixed"
-                   else "copied from the model when first used")
-            utils.print0(f"resume: {path} has no target_encoder; the {targets.kind} target is {how}")
-        elif saved.get("kind") != targets.kind:
-            raise utils.UsageError(f"{path} was trained with --target_encoder {saved.get('kind')}, not "
-                                   f"{targets.kind}; pass the flags it was trained with")
-        else:
-            targets.load_state_dict(saved["state"])
-    if "optimizer" in ckpt and "epoch" in ckpt:
-        if checkpoints.optimizer_state_fits(optimizer, ckpt["optimizer"]):
-            optimizer.load_state_dict(ckpt["optimizer"])
-        else:
-            utils.print0(f"resume: optimizer state in {path} does not match this model's parameter groups "
-                         f"({'release ordering' if release else 'other model'}); AdamW moments restart")
-        if "scaler" in ckpt:
-            loss_scaler.load_state_dict(ckpt["scaler"])
-    start = int(ckpt.get("epoch", -1)) + 1
-    utils.print0(f"resume: {path} ({'release' if release else 'our'} format), continuing at epoch {start}")
-    checkpoints.warn_schedule_changes(args, ckpt, path, SCHEDULE_FLAGS)
-    return start
-
-
-# the flags that define the lr and weight-decay schedules (with the total batch, which scales the lr)
-SCHEDULE_FLAGS = ("epochs", "warmup_epochs", "lr", "min_lr", "warmup_lr", "weight_decay", "weight_decay_end")
-
-
-def save_checkpoint(args, epoch, model, targets, optimizer, loss_scaler):
-    """The release's layout (model, model_ema, optimizer, scaler, epoch, args), written atomically:
-    checkpoint-<epoch>.pth on ``keeps_numbered_checkpoint`` epochs, then checkpoint-last.pth every epoch (last,
-    so that a run killed before it repeats the whole epoch). The other target encoders go under
-    ``target_encoder`` ({"kind", "state"}), so a resume is exact. ``args`` is stored as a plain dict."""
-    if not args.output_dir:
-        return
-    ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": loss_scaler.state_dict(),
-            "epoch": epoch, "args": checkpoints.args_dict(args)}
-    if targets is not None and targets.kind == "ema":
-        ckpt["model_ema"] = targets.ema.module.state_dict()
-    elif targets is not None:
-        ckpt["target_encoder"] = {"kind": targets.kind, "state": targets.state_dict()}
-    if keeps_numbered_checkpoint(args, epoch):
-        checkpoints.save_on_master(ckpt, os.path.join(args.output_dir, f"checkpoint-{epoch}.pth"))
-    checkpoints.save_on_master(ckpt, os.path.join(args.output_dir, "checkpoint-last.pth"))
-
-
-def keeps_numbered_checkpoint(args, epoch):
-    """checkpoint-<epoch>.pth every --save_ckpt_freq epochs and after the last one; none with 0."""
-    return args.save_ckpt_freq > 0 and ((epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs)
-
-
-# the columns of the reconstruction grid; target and prediction are shown in the space of --pixel_norm
-RECONSTRUCTION_COLUMNS = ("input", "masked input", "target", "prediction", "pasted")
-RECONSTRUCTION_MIN_SIDE = 96   # smaller panels are enlarged (nearest neighbour) so that the labels fit
-RECONSTRUCTION_HEADER = 28     # pixels above the grid for the two-line column labels
-
-
-def reconstruction_panels(images, mask, pixel_pred, patch_size, norm, mean, std):
-    """The reconstruction grid's panels, [B, 5, 3, H, W] in [0, 1], in the order of ``RECONSTRUCTION_COLUMNS``:
-
-    input         the image (the dataset normalisation undone)
-    masked input  its visible patches; masked ones black
-    target        the pixel target of ``norm`` (``normalized_pixel_target``) on the masked patches
-    prediction    the regressor's output as it is, on the masked patches, drawn exactly as the target
-    pasted        the visible patches with the prediction in the masked ones, in pixels: the prediction
-                  de-normalised with the true patches' own mean and std (``pixels_of_prediction``)
-
-    Target and prediction share one fixed mapping: per-patch normalised values (``channel``, ``patch``) as
-    0.5 + v / 6 (-3..3 std to black..white), ``none`` as pixels; visible patches are black (no loss there).
-    A regressor that predicts zeros shows a flat panel there, whatever the target."""
-    B, _, H, W = images.shape
-    grid = (H // patch_size, W // patch_size)
-    mean = torch.as_tensor(mean, dtype=torch.float32, device=images.device)
-    std = torch.as_tensor(std, dtype=torch.float32, device=images.device)
-
-    def show(patches, as_pixels):
-        x = patches.float().reshape(B, grid[0] * grid[1], -1, 3)   # (p, q, channel) order: channel last
-        x = x * std + mean if as_pixels else 0.5 + x / 6
-        return unpatchify(x.clamp(0, 1).flatten(2), patch_size, grid)
-
-    patches = patchify(images.float(), patch_size)
-    m = mask.reshape(B, -1, 1).float()
-    masked = unpatchify(m.expand_as(patches), patch_size, grid)
-    pixels = norm == "none"
-    pasted = patches * (1 - m) + pixels_of_prediction(pixel_pred, images, patch_size, norm=norm) * m
-    panels = [show(patches, True), show(patches, True) * (1 - masked),
-              show(normalized_pixel_target(images, patch_size, norm=norm), pixels) * masked,
-              show(pixel_pred, pixels) * masked, show(pasted, True)]
-    return torch.stack(panels, 1)
-
-
-def reconstruction_grid(panels, norm):
-    """The panels [B, 5, 3, H, W] as one labelled uint8 image [H', W', 3]: one row per image, a header that
-    names each column (and the normalisation that target and prediction are shown in)."""
-    from PIL import Image, ImageDraw, ImageFont
-    from torchvision.utils import make_grid
-    B, C, _, H, W = panels.shape
-    scale = -(-RECONSTRUCTION_MIN_SIDE // min(H, W))
-    x = panels.flatten(0, 1).repeat_interleave(scale, 2).repeat_interleave(scale, 3)
-    grid = make_grid(x, nrow=C, padding=2, pad_value=1.0)
-    header = torch.ones(3, RECONSTRUCTION_HEADER, grid.shape[-1], dtype=grid.dtype, device=grid.device)
-    rgb = (torch.cat([header, grid], 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    space = "pixels" if norm == "none" else f"{norm} norm"
-    second = {"target": space, "prediction": space, "pasted": "true mean/std" if norm != "none" else ""}
-    img = Image.fromarray(rgb)
-    draw, font = ImageDraw.Draw(img), ImageFont.load_default()
-    for col, name in enumerate(RECONSTRUCTION_COLUMNS):
-        left = 2 + col * (W * scale + 2)
-        draw.text((left + 2, 2), name, fill=(0, 0, 0), font=font)
-        draw.text((left + 2, 14), second.get(name, ""), fill=(0, 0, 0), font=font)
-    return np.asarray(img)
-
-
-@torch.no_grad()
-def save_reconstruction(args, model, dataset, device, path, log_writer=None, epoch=0, num_images=4):
-    """The first ``num_images`` items of ``dataset`` through ``model`` (eval mode, float32): the labelled grid
-    of ``reconstruction_panels`` written to ``path`` (PNG, atomically) and to TensorBoard (``reconstruction``,
-    step ``epoch``). Returns the panels, or None for a model without a pixel regressor (nothing to show)."""
-    was_training = model.training
-    model.eval()
-    items = [dataset[i] for i in range(min(num_images, len(dataset)))]
-    images = torch.stack([torch.as_tensor(x) for x, _ in items]).to(device).float()
-    mask = torch.stack([torch.as_tensor(m).flatten() for _, m in items]).to(device)
-    pixel_pred, _ = model(images, mask, feature=False)
-    model.train(was_training)
-    if pixel_pred is None:
-        return None
-    panels = reconstruction_panels(images, mask, pixel_pred, model.patch_size, args.pixel_norm, *mean_std(args))
-    grid = reconstruction_grid(panels, args.pixel_norm)
-    from PIL import Image
-    Image.fromarray(grid).save(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
-    if log_writer is not None:
-        log_writer.add_image("reconstruction", grid, epoch, dataformats="HWC")
-    return panels
-
-
-def main(args):
-    check_args(args)
-    utils.init_distributed_mode(args)
-    device = torch.device(args.device)
-    amp_dtype = resolve_device_defaults(args, device)
-    utils.seed_everything(args.seed + utils.get_rank())
-    utils.print0("args: " + json.dumps({k: v for k, v in vars(args).items()}, default=str))
-
-    # data
+def build_data(args, device):
+    """The dataset, its sampler over the processes and the loader of --data_pipeline."""
     dataset = build_pretraining_dataset(args)
     world, rank = utils.get_world_size(), utils.get_rank()
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
@@ -570,14 +321,13 @@ def main(args):
         raise utils.UsageError(f"{len(dataset)} images over {world} processes give no full step of --batch_size "
                                f"{args.batch_size} x --update_freq {args.update_freq}; lower them or add data")
     utils.print0(f"data: {len(dataset)} images, {len(loader)} batches of {args.batch_size} per process, "
-                 f"transform {dataset.transform!r}" if hasattr(dataset, "transform") else f"data: {len(dataset)} images")
+                 f"transform {dataset.transform!r}" if hasattr(dataset, "transform")
+                 else f"data: {len(dataset)} images")
+    return dataset, sampler, loader
 
-    # model
-    model = build_model(args)
-    model.to(device)
-    utils.print0(f"model: {args.model}, {modeling_bootmae.count_trainable(model):,} trainable parameters")
-    knn_monitor = knn.KnnMonitor.from_args(args, device, amp_dtype)  # None unless --knn_freq
 
+def wrap_model(args, model, device):
+    """The model as trained (DDP, compiled) and its target encoder (None without a feature loss)."""
     model_ddp = model
     if args.distributed:
         # a pixel-only warm-up leaves the feature predictor out of the first epochs' graphs (and, with
@@ -588,7 +338,6 @@ def main(args):
     # start from those, not from its own (differently seeded) initialisation
     fixed = load_fixed_target(args, model) if args.target_encoder == "fixed" and args.feature_weight > 0 else None
     targets = build_target_encoder(args, model, fixed)
-    momentum_encoder = targets.ema if targets is not None and targets.kind == "ema" else None
     if targets is not None:
         fed = target_patch_count(args.target_fraction, model.patch_embed.num_patches)
         utils.print0(f"target encoder: {targets.kind}, {fed} patches per image fed to it")
@@ -598,12 +347,15 @@ def main(args):
         if targets is not None:
             targets.compile()
         utils.print0("torch.compile: model, target encoder and losses compiled (the first steps include compilation)")
+    return model_ddp, targets
 
-    # optimisation
+
+def build_optimisation(args, model, num_batches, world, device):
+    """AdamW, the loss scaler and the per-step lr and weight-decay schedules; the lr scaled by the total batch."""
     total_batch = args.batch_size * args.update_freq * world
     base_lr = args.lr
     args.lr = base_lr * total_batch / 256
-    steps_per_epoch = len(loader) // args.update_freq
+    steps_per_epoch = num_batches // args.update_freq
     utils.print0(f"lr {args.lr:.3e} (base {base_lr:.3e} x total batch {total_batch} / 256), "
                  f"{steps_per_epoch} steps per epoch")
     if args.min_lr > args.lr:
@@ -615,8 +367,31 @@ def main(args):
                                          args.warmup_lr)
     wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
     wd_schedule = utils.cosine_scheduler(args.weight_decay, wd_end, args.epochs, steps_per_epoch)
-
     args.lr = base_lr  # checkpoints store the base lr, as given on the command line
+    return optimizer, loss_scaler, lr_schedule, wd_schedule
+
+
+def main(args):
+    check_args(args)
+    utils.init_distributed_mode(args)
+    device = torch.device(args.device)
+    amp_dtype = resolve_device_defaults(args, device)
+    utils.seed_everything(args.seed + utils.get_rank())
+    utils.print0("args: " + json.dumps({k: v for k, v in vars(args).items()}, default=str))
+
+    dataset, sampler, loader = build_data(args, device)
+    world, rank = utils.get_world_size(), utils.get_rank()
+
+    # model
+    model = build_model(args)
+    model.to(device)
+    utils.print0(f"model: {args.model}, {modeling_bootmae.count_trainable(model):,} trainable parameters")
+    knn_monitor = knn.KnnMonitor.from_args(args, device, amp_dtype)  # None unless --knn_freq
+
+    model_ddp, targets = wrap_model(args, model, device)
+    momentum_encoder = targets.ema if targets is not None and targets.kind == "ema" else None
+
+    optimizer, loss_scaler, lr_schedule, wd_schedule = build_optimisation(args, model, len(loader), world, device)
     start_epoch = resume(args, model, targets, optimizer, loss_scaler)
     checkpoints.remove_stale_temporaries(args.output_dir)
 
@@ -664,17 +439,6 @@ def main(args):
     utils.print0(f"training time {utils.format_seconds(time.time() - start_time)}")
     if args.metrics_json and utils.is_main_process() and record is not None:
         write_metrics(args.metrics_json, record, step_times, time.time() - start_time, model)
-
-
-def write_metrics(path, record, step_times, seconds, model):
-    """The run's final metrics as one JSON object (scripts/ablations gathers these into tables)."""
-    steps = sorted(step_times)
-    metrics = {**record, "s_per_step": steps[len(steps) // 2], "train_seconds": seconds,
-               "trainable_parameters": modeling_bootmae.count_trainable(model)}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(metrics, f, indent=1)
-    os.replace(path + ".tmp", path)
 
 
 def cli():

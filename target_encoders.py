@@ -197,7 +197,7 @@ def build_target_encoder(args, model, fixed_encoder=None):
     """The ``TargetEncoder`` of ``args.target_encoder`` for the (unwrapped) online ``model``; None when the
     run has no feature loss (``--feature_weight 0``, MAE) or no momentum encoder (``--no_model_ema``).
     ``fixed_encoder`` is the loaded network of ``fixed``."""
-    kind = getattr(args, "target_encoder", "ema")
+    kind = args.target_encoder
     if args.feature_weight == 0:
         return None
     if kind == "ema":

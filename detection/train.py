@@ -1,17 +1,7 @@
-"""Train a BootMAE Mask R-CNN on COCO with mmdetection 3.x (mmengine's Runner).
-
-    python detection/train.py CONFIG [--work-dir DIR] [--cfg-options k=v ...]
-    torchrun --nproc_per_node 8 detection/train.py CONFIG --launcher pytorch
-    (slurm: detection/slurm_train.sbatch)
-"""
+"""Train a BootMAE Mask R-CNN on COCO with mmdetection 3.x (mmengine's Runner); the command line is
+scripts/downstream.py's."""
 import os
-import sys
+import runpy
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-import backbone_vit  # noqa: E402
-
-if __name__ == "__main__":
-    sys.exit(backbone_vit.openmmlab_main("train"))
+runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "scripts", "downstream.py"),
+               run_name="__main__", init_globals={"SCRIPT": __file__})

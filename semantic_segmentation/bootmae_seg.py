@@ -1,16 +1,8 @@
 """Registers the BootMAE backbone with mmsegmentation 1.x (``type='BootMAEViT'``) and the layer-decay
-optimizer-wrapper constructor with mmengine. The configs load this module through ``custom_imports``."""
+optimizer-wrapper constructor with mmengine (scripts/downstream.py). The configs load this module through
+``custom_imports``."""
 import os
-import sys
+import runpy
 
-# the configs name this module 'semantic_segmentation.bootmae_seg'; the backbone lives at the repository root
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from mmseg.registry import MODELS  # noqa: E402
-
-import backbone_vit  # noqa: E402
-
-MODELS.register_module(name="BootMAEViT", module=backbone_vit.ViTPyramid, force=True)
-backbone_vit.register_mmengine()
+runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "scripts", "downstream.py"),
+               init_globals={"REGISTRY": "mmseg.registry"})

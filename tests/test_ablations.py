@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts", "ablations"))
 import checkpoints  # noqa: E402
 import masking_generator  # noqa: E402
 import modeling_bootmae as mb  # noqa: E402
+import pretraining_state  # noqa: E402
 import run_pretraining  # noqa: E402
 import utils  # noqa: E402
 from datasets import DataAugmentationForBootMAE  # noqa: E402
@@ -56,7 +57,7 @@ def parse(flags):
 
 def small_overrides(args):
     """Constructor overrides that shrink the decoders' width (the flags' widths are checked separately)."""
-    kw = run_pretraining.model_kwargs(args)
+    kw = pretraining_state.model_kwargs(args)
     out = {"decoder_dim": WIDTH[kw.get("decoder_dim") or 512]}
     if kw.get("feature_decoder_dim"):
         out["feature_decoder_dim"] = WIDTH[kw["feature_decoder_dim"]]
@@ -144,7 +145,7 @@ def test_row_builds_what_it_describes_and_trains(table_key, row_key, mae_checkpo
     args = _row_args(table, row, mae_checkpoint[0])
 
     # the flags' decoder shape, before the test shrinks the widths
-    kw = run_pretraining.model_kwargs(args)
+    kw = pretraining_state.model_kwargs(args)
     depth, width = exp["decoder"][:2]
     assert (kw.get("decoder_depth") or 2, kw.get("decoder_dim") or 512) == (depth, width)
     if len(exp["decoder"]) > 2:
@@ -241,7 +242,7 @@ def test_default_flags_build_the_release_model():
     """No ablation flag: the release's BootMAE, tensor for tensor, initialised identically."""
     args = parse(["--model", "bootmae_tiny", "--input_size", "32", "--patch_size", "8", "--mask_num", "12",
                   "--num_mask_patches", "10", "--data_set", "demo"])
-    assert run_pretraining.model_kwargs(args) == dict(img_size=32, patch_size=8, drop_path_rate=0.0,
+    assert pretraining_state.model_kwargs(args) == dict(img_size=32, patch_size=8, drop_path_rate=0.0,
                                                       decoder_dim=None, decoder_depth=None)
     torch.manual_seed(0)
     ours = run_pretraining.build_model(args).state_dict()

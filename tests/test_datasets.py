@@ -14,6 +14,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import datasets  # noqa: E402
+import pipelines  # noqa: E402
 from utils import UsageError  # noqa: E402
 
 # 64 px crops on an 8x8 patch grid keep every test fast while leaving room for
@@ -90,7 +91,7 @@ def test_image_folder_items_shapes_and_range(tmp_path):
 
 @pytest.mark.parametrize("imagenet_norm, expected", [
     (False, (1.0, 1.0, 1.0)),
-    (True, tuple((1.0 - m) / s for m, s in zip(datasets.IMAGENET_MEAN, datasets.IMAGENET_STD))),
+    (True, tuple((1.0 - m) / s for m, s in zip(pipelines.IMAGENET_MEAN, pipelines.IMAGENET_STD))),
 ])
 def test_normalisation_choice(tmp_path, imagenet_norm, expected):
     # a white picture stays white under any crop/flip/bicubic resize, so every
@@ -105,7 +106,7 @@ def test_normalisation_choice(tmp_path, imagenet_norm, expected):
 
 
 def test_default_normalisation_is_half():
-    assert datasets.BOOTMAE_MEAN == datasets.BOOTMAE_STD == (0.5, 0.5, 0.5)
+    assert pipelines.BOOTMAE_MEAN == pipelines.BOOTMAE_STD == (0.5, 0.5, 0.5)
 
 
 @pytest.mark.parametrize("mask_type", ["block", "random", "release"])
@@ -284,7 +285,7 @@ def test_truncated_images_are_not_padded(tmp_path):
     data = _jpeg_bytes(seed=4)
     (tmp_path / "a" / "t.jpg").write_bytes(data[: len(data) // 2])
     with pytest.raises(OSError):
-        datasets.pil_rgb_loader(str(tmp_path / "a" / "t.jpg"))
+        pipelines.pil_rgb_loader(str(tmp_path / "a" / "t.jpg"))
 
 
 @pytest.mark.parametrize("num_bad", [3, 60])

@@ -261,7 +261,9 @@ def test_create_optimizer_is_adamw_with_release_betas():
 def _engine_args(**kw):
     a = dict(update_freq=1, feature_weight=1.0, epochs=4, model_ema_decay=0.999, model_ema_dynamic=False,
              model_ema_warmup_epochs=100, model_ema_dynamic_epochs=400, weight_mask=False, clip_grad=None,
-             print_freq=100, weight_decay=0.05, lr=1e-3, model_ema=True)
+             print_freq=100, weight_decay=0.05, lr=1e-3, model_ema=True, pixel_warmup_epochs=0, pixel_weight=1.0,
+             feature_ramp=0.25, target_fraction=1.0, pixel_norm="channel", compile=False, data_pipeline="pil",
+             target_encoder="ema")
     a.update(kw)
     return argparse.Namespace(**a)
 
@@ -417,12 +419,12 @@ class _ExactRegressor(torch.nn.Module):
 def test_reconstruction_image_undoes_each_pixel_norm(tmp_path, norm):
     from PIL import Image
 
-    import run_pretraining
+    import visualize
     g = torch.Generator().manual_seed(4)
     items = [((torch.rand(3, 32, 32, generator=g) * 2 - 1), torch.rand(16, generator=g) < 0.75) for _ in range(2)]
     args = argparse.Namespace(pixel_norm=norm, imagenet_default_mean_and_std=False)
     path = str(tmp_path / "reconstruction.png")
-    panels = run_pretraining.save_reconstruction(args, _ExactRegressor(norm), items, torch.device("cpu"), path)
+    panels = visualize.save_reconstruction(args, _ExactRegressor(norm), items, torch.device("cpu"), path)
     # input == the prediction pasted into the masked patches; prediction panel == target panel
     assert (panels[:, 4] - panels[:, 0]).abs().max() < 1e-5
     assert torch.equal(panels[:, 3], panels[:, 2])

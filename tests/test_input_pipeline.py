@@ -15,6 +15,7 @@ from PIL import Image
 from torchvision import transforms
 
 import datasets
+import pipelines
 import run_pretraining
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,8 +56,8 @@ def _args(folder, *flags):
 
 def _levels(pil_item, fast_item, args):
     """|pil - fast| in levels of 255 [3, H, W] (the pil item is normalised, the fast one uint8)."""
-    mean, std = datasets.mean_std(args)
-    fast = datasets.normalise_uint8(fast_item[None], mean, std)[0]
+    mean, std = pipelines.mean_std(args)
+    fast = pipelines.normalise_uint8(fast_item[None], mean, std)[0]
     return ((pil_item - fast) * torch.tensor(std).view(3, 1, 1) * 255).abs()
 
 
@@ -148,7 +149,7 @@ def test_pil_pipeline_output_unchanged():
     """DataAugmentationForBootMAE's items for a fixed seed, as the code before --data_pipeline produced them."""
     args = types.SimpleNamespace(input_size=64, patch_size=16, mask_num=12, num_mask_patches=8,
                                  min_mask_patches_per_block=2, max_mask_patches_per_block=6)
-    aug = datasets.DataAugmentationForBootMAE(args)
+    aug = pipelines.DataAugmentationForBootMAE(args)
     torch.manual_seed(7)
     expected = [(-67.192, [-0.62353, 0.43529, 0.49804], [0, 1, 2, 3, 4, 5, 6, 7, 11, 12, 14, 15]),
                 (-16.2508, [-0.63922, 0.66275, 0.85098], [1, 2, 3, 4, 6, 7, 8, 9, 10, 11, 12, 14]),
@@ -166,8 +167,8 @@ def test_crop_boxes_and_flips_are_random_resized_crops(min_crop_scale):
     """The fast pipeline's crop box and flip are RandomResizedCrop.get_params (scale (--min_crop_scale, 1),
     ratio 3/4..4/3) and RandomHorizontalFlip's draw (p 0.5) from the same torch RNG state."""
     args = types.SimpleNamespace(input_size=224, min_crop_scale=min_crop_scale)
-    aug = datasets.UInt8AugmentationForBootMAE(args)
-    image = datasets.uint8_image(_pattern_image(500, 375))
+    aug = pipelines.UInt8AugmentationForBootMAE(args)
+    image = pipelines.uint8_image(_pattern_image(500, 375))
     flips, areas = [], []
     for seed in range(200):
         torch.manual_seed(seed)
@@ -190,7 +191,7 @@ def test_flips_are_drawn_per_image_as_in_pil(tmp_path):
     args = _args(str(tmp_path), "--min_crop_scale", "1", "--input_size", "64", "--mask_num", "12",
                  "--num_mask_patches", "8", "--min_mask_patches_per_block", "2", "--max_mask_patches_per_block", "6")
     pil = datasets.build_pretraining_dataset(args)
-    fast = datasets.with_transform(pil, datasets.UInt8AugmentationForBootMAE(args), datasets.tensor_rgb_loader)
+    fast = datasets.with_transform(pil, pipelines.UInt8AugmentationForBootMAE(args), pipelines.tensor_rgb_loader)
     torch.manual_seed(0)
     pil_items = [pil[0][0] for _ in range(48)]
     torch.manual_seed(0)
@@ -226,7 +227,7 @@ def test_fast_and_gpu_loaders_match_pil_loader(folder):
             datas, boxes, flips, _ = next(iter(loader.loader))
             assert len(datas) == 3 and all(bytes(d[:2].tolist()) == b"\xff\xd8" for d in datas)
             assert boxes.shape == (3, 4) and flips.dtype == torch.bool
-    std = torch.tensor(datasets.mean_std(args)[1])
+    std = torch.tensor(pipelines.mean_std(args)[1])
     for pipeline in ("fast", "gpu"):
         assert len(batches["pil"]) == len(batches[pipeline]) == 2
         for (xp, mp), (x, m) in zip(batches["pil"], batches[pipeline]):
@@ -250,8 +251,8 @@ def test_unreadable_files_are_skipped_with_the_same_warning(folder, tmp_path):
         f.write(b"not an image" * 20)
     args = _args(root)
     pil = datasets.build_pretraining_dataset(args)
-    fast = datasets.with_transform(pil, datasets.UInt8AugmentationForBootMAE(args), datasets.tensor_rgb_loader)
-    gpu = datasets.with_transform(pil, datasets.JpegAugmentationForBootMAE(args), datasets.jpeg_bytes_loader)
+    fast = datasets.with_transform(pil, pipelines.UInt8AugmentationForBootMAE(args), pipelines.tensor_rgb_loader)
+    gpu = datasets.with_transform(pil, pipelines.JpegAugmentationForBootMAE(args), pipelines.jpeg_bytes_loader)
     messages = {}
     for name, dataset in (("pil", pil), ("fast", fast), ("gpu", gpu)):
         with warnings.catch_warnings(record=True) as caught:
@@ -282,11 +283,11 @@ def test_gpu_pipeline_needs_cuda_and_jpeg_files(folder, tmp_path):
     # a PNG (and any file nvJPEG cannot take) reaches the device re-encoded as a JPEG of the same picture
     image = _pattern_image(64, 48)
     image.save(tmp_path / "x.png")
-    data, size = datasets.jpeg_bytes_loader(str(tmp_path / "x.png"))
+    data, size = pipelines.jpeg_bytes_loader(str(tmp_path / "x.png"))
     assert size == (64, 48) and bytes(data[:2].tolist()) == b"\xff\xd8"
-    decoded = datasets.decode_and_transform([data], torch.tensor([[0, 0, 48, 64]]), torch.tensor([False]), (48, 64),
+    decoded = pipelines.decode_and_transform([data], torch.tensor([[0, 0, 48, 64]]), torch.tensor([False]), (48, 64),
                                             (0, 0, 0), (1 / 255, 1 / 255, 1 / 255), "cpu")[0]
-    assert (decoded - datasets.uint8_image(image).float()).abs().mean() < 1.5   # JPEG at quality 95
+    assert (decoded - pipelines.uint8_image(image).float()).abs().mean() < 1.5   # JPEG at quality 95
 
 
 def test_unknown_pipeline_is_a_usage_error(folder):

@@ -304,7 +304,7 @@ def test_flags_after_mae_override_it_and_earlier_ones_are_kept():
 
 
 def test_mae_builds_the_mae_model_masks_and_target():
-    import datasets
+    import pipelines
     import masking_generator
     args = parse("pretrain", TINY + ["--mae"])
     run_pretraining.check_args(args)
@@ -314,7 +314,7 @@ def test_mae_builds_the_mae_model_masks_and_target():
     dec = model.pixel_decoder
     assert (len(dec.blocks), dec.embed.out_features, dec.blocks[0].attn.num_heads) == (8, 512, 16)
     assert all(b.c_attn is None for b in dec.blocks)
-    aug = datasets.DataAugmentationForBootMAE(args)
+    aug = pipelines.DataAugmentationForBootMAE(args)
     assert isinstance(aug.masked_position_generator, masking_generator.RandomMaskingGenerator)
     assert all(aug.masked_position_generator().sum() == 12 for _ in range(20))
     # the pixel target: each patch normalised over all its values (mean 0, std 1 per patch, not per channel)

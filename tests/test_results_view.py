@@ -17,6 +17,7 @@ import checkpoints  # noqa: E402
 import run_class_finetuning  # noqa: E402
 import run_pretraining  # noqa: E402
 import utils  # noqa: E402
+import visualize  # noqa: E402
 from engine_for_pretraining import normalized_pixel_target  # noqa: E402
 
 # the release's input normalisation
@@ -37,10 +38,10 @@ def _batch():
 def test_reconstruction_panels_show_the_prediction_as_made(norm):
     images, mask = _batch()
     target = normalized_pixel_target(images, 8, norm=norm)
-    perfect = run_pretraining.reconstruction_panels(images, mask, target, 8, norm, MEAN, STD)
-    zero = run_pretraining.reconstruction_panels(images, mask, torch.zeros_like(target), 8, norm, MEAN, STD)
+    perfect = visualize.reconstruction_panels(images, mask, target, 8, norm, MEAN, STD)
+    zero = visualize.reconstruction_panels(images, mask, torch.zeros_like(target), 8, norm, MEAN, STD)
     assert perfect.shape == (2, 5, 3, 32, 32)
-    assert len(run_pretraining.RECONSTRUCTION_COLUMNS) == 5
+    assert len(visualize.RECONSTRUCTION_COLUMNS) == 5
     # columns: input, masked input, target, prediction, pasted
     assert torch.equal(perfect[:, 3], perfect[:, 2])                        # prediction panel == target panel
     assert (perfect[:, 4] - perfect[:, 0]).abs().max() < 1e-5               # pasted == input
@@ -62,8 +63,8 @@ def test_reconstruction_panels_show_the_prediction_as_made(norm):
 
 def test_reconstruction_grid_is_labelled():
     images, mask = _batch()
-    panels = run_pretraining.reconstruction_panels(images, mask, torch.zeros(2, 16, 192), 8, "channel", MEAN, STD)
-    grid = run_pretraining.reconstruction_grid(panels, "channel")
+    panels = visualize.reconstruction_panels(images, mask, torch.zeros(2, 16, 192), 8, "channel", MEAN, STD)
+    grid = visualize.reconstruction_grid(panels, "channel")
     # 2 rows x 5 panels of 32 px enlarged to 96, padding 2, under a 28 px header
     assert grid.shape == (28 + 2 * 98 + 2, 5 * 98 + 2, 3) and grid.dtype.name == "uint8"
     header = grid[:28]

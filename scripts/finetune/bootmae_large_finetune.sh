@@ -7,21 +7,13 @@
 #   one node:  DATA_PATH=/data/imagenet FINETUNE=output/bootmae_large_800ep/checkpoint-799.pth \
 #              bash scripts/finetune/bootmae_large_finetune.sh
 #   several:   NNODES=2 NODE_RANK=0|1 MASTER_ADDR=<node 0 host> ... (run on every node)
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-PYTHON=${PYTHON:-.venv/bin/python}
-NNODES=${NNODES:-1}; NODE_RANK=${NODE_RANK:-0}; GPUS=${GPUS:-8}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}; MASTER_PORT=${MASTER_PORT:-29500}
-BATCH=${BATCH:-128}
-UPDATE_FREQ=$(( 1024 / (NNODES * GPUS * BATCH) )); [ "$UPDATE_FREQ" -ge 1 ] || UPDATE_FREQ=1
-OMP_NUM_THREADS=1 exec "$PYTHON" -m torch.distributed.run \
-    --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS" \
-    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-    run_class_finetuning.py \
+source "$(dirname "$0")/../launch.sh"
+total_batch 1024 128
+launch_nodes run_class_finetuning.py \
     --model bootmae_large_patch16_224 --data_path "${DATA_PATH:?set DATA_PATH to the ImageNet folder (train/, val/)}" \
     --input_size 224 --finetune "${FINETUNE:-output/bootmae_large_800ep/checkpoint-799.pth}" --model_key model \
     --output_dir "${OUTPUT_DIR:-output/bootmae_large_finetune}" --num_workers 8 \
-    --batch_size "$BATCH" --update_freq "$UPDATE_FREQ" --lr 1.5e-3 --warmup_epochs 5 --epochs 50 \
+    --batch_size "$BATCH" --update_freq "$ACCUM" --lr 1.5e-3 --warmup_epochs 5 --epochs 50 \
     --layer_decay 0.75 --backbone_decay 1 --drop_path 0.1 --abs_pos_emb --disable_rel_pos_bias \
     --weight_decay 0.05 --mixup 0.8 --cutmix 1.0 --smoothing 0.1 --aa rand-m9-mstd0.5-inc1 --reprob 0.25 \
     --nb_classes 1000 --enable_deepspeed --model_ema --model_ema_decay 0.9998 --dist_eval "$@"

@@ -8,12 +8,8 @@
 # Needs torchvision's on-disk format: $DATA_PATH/cifar-10-batches-py/.
 #   DATA_PATH=/data/cifar bash scripts/finetune/bootmae_tiny_cifar10.sh          (one GPU)
 #   NPROC=2 ... for torchrun on two GPUs (the per-process batch halves)
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-PYTHON=${PYTHON:-.venv/bin/python}
-NPROC=${NPROC:-1}
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" \
-    run_class_finetuning.py \
+source "$(dirname "$0")/../launch.sh"
+launch_local run_class_finetuning.py \
     --data_set cifar10 --data_path "${DATA_PATH:?set DATA_PATH to the folder holding cifar-10-batches-py}" \
     --model bootmae_tiny_patch16_224 --input_size 32 --patch_size 4 \
     --finetune "${FINETUNE:-output/bootmae_tiny_cifar10/checkpoint-last.pth}" --model_key model \

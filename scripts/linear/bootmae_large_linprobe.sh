@@ -5,17 +5,9 @@
 # total batch 16384 = nodes x GPUs x --batch_size x --accum_iter (the release: 8 x 1024 x 2).
 #   FINETUNE=out/bootmae_large_800ep/checkpoint-799.pth DATA_PATH=/data/imagenet bash scripts/linear/bootmae_large_linprobe.sh
 #   several nodes: NNODES=2 NODE_RANK=0|1 MASTER_ADDR=<node 0 host> ... (run on every node)
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-PYTHON=${PYTHON:-.venv/bin/python}
-NNODES=${NNODES:-1}; NODE_RANK=${NODE_RANK:-0}; GPUS=${GPUS:-8}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}; MASTER_PORT=${MASTER_PORT:-29500}
-BATCH=${BATCH:-1024}
-ACCUM=$(( 16384 / (NNODES * GPUS * BATCH) )); [ "$ACCUM" -ge 1 ] || ACCUM=1
-OMP_NUM_THREADS=1 exec "$PYTHON" -m torch.distributed.run \
-    --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS" \
-    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-    main_linprobe.py \
+source "$(dirname "$0")/../launch.sh"
+total_batch 16384 1024
+launch_nodes main_linprobe.py \
     --finetune "${FINETUNE:?set FINETUNE to the pretraining checkpoint}" \
     --data_path "${DATA_PATH:?set DATA_PATH to the ImageNet folder (with train/ and val/)}" \
     --output_dir "${OUTPUT_DIR:-output/bootmae_large_linprobe}" \

@@ -6,12 +6,8 @@
 # Needs CIFAR-100 in torchvision's on-disk format under $DATA_PATH (never downloaded from here).
 #   FINETUNE=output/bootmae_tiny_cifar10/checkpoint-199.pth DATA_PATH=/data/cifar bash scripts/linear/bootmae_tiny_cifar100_linprobe.sh
 #   NPROC=2 ... for torchrun on two GPUs (the per-process batch halves)
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-PYTHON=${PYTHON:-.venv/bin/python}
-NPROC=${NPROC:-1}
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" \
-    main_linprobe.py \
+source "$(dirname "$0")/../launch.sh"
+launch_local main_linprobe.py \
     --finetune "${FINETUNE:?set FINETUNE to the pretraining checkpoint}" \
     --data_set cifar100 --data_path "${DATA_PATH:?set DATA_PATH to the folder holding the CIFAR-100 batches}" \
     --output_dir "${OUTPUT_DIR:-output/bootmae_tiny_cifar100_linprobe}" \

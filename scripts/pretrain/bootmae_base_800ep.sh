@@ -6,22 +6,14 @@
 # The release's flags: --epochs 801 as its script (the cosine spans 801 epochs; the release fine-tuned and
 # probed checkpoint-799.pth, after 800 epochs; the 801st only adds checkpoint-800.pth), --min_lr 1e-4 as its
 # ViT-B line; what it leaves unset has its parser's value here too (no drop path, crop scale 0.2, ...).
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-PYTHON=${PYTHON:-.venv/bin/python}
-NNODES=${NNODES:-1}; NODE_RANK=${NODE_RANK:-0}; GPUS=${GPUS:-8}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}; MASTER_PORT=${MASTER_PORT:-29500}
-BATCH=${BATCH:-256}
-UPDATE_FREQ=$(( 4096 / (NNODES * GPUS * BATCH) )); [ "$UPDATE_FREQ" -ge 1 ] || UPDATE_FREQ=1
-OMP_NUM_THREADS=1 exec "$PYTHON" -m torch.distributed.run \
-    --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS" \
-    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-    run_pretraining.py \
+source "$(dirname "$0")/../launch.sh"
+total_batch 4096 256
+launch_nodes run_pretraining.py \
     --data_path "${DATA_PATH:?set DATA_PATH to the ImageNet folder (with train/)}" \
     --output_dir "${OUTPUT_DIR:-output/bootmae_base_800ep}" \
     --model bootmae_base \
     --model_ema --model_ema_decay 0.999 --model_ema_dynamic \
-    --batch_size "$BATCH" --update_freq "$UPDATE_FREQ" --lr 1.5e-4 --min_lr 1e-4 \
+    --batch_size "$BATCH" --update_freq "$ACCUM" --lr 1.5e-4 --min_lr 1e-4 \
     --epochs 801 --warmup_epochs 40 \
     --mask_num 147 --num_mask_patches 120 --feature_weight 1 --weight_mask \
     --num_workers 10 "$@"

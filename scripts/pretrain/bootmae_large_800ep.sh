@@ -5,22 +5,14 @@
 # --epochs 801 (its script's; the release fine-tuned and probed checkpoint-799.pth, after 800 epochs) and
 # --min_lr 1e-5 (its ViT-L line leaves it at its parser's 1e-5; the ViT-B line sets 1e-4).
 #   DATA_PATH=/data/imagenet NNODES=4 NODE_RANK=<0..3> MASTER_ADDR=<node 0> bash scripts/pretrain/bootmae_large_800ep.sh
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-PYTHON=${PYTHON:-.venv/bin/python}
-NNODES=${NNODES:-1}; NODE_RANK=${NODE_RANK:-0}; GPUS=${GPUS:-8}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}; MASTER_PORT=${MASTER_PORT:-29500}
-BATCH=${BATCH:-128}
-UPDATE_FREQ=$(( 4096 / (NNODES * GPUS * BATCH) )); [ "$UPDATE_FREQ" -ge 1 ] || UPDATE_FREQ=1
-OMP_NUM_THREADS=1 exec "$PYTHON" -m torch.distributed.run \
-    --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS" \
-    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-    run_pretraining.py \
+source "$(dirname "$0")/../launch.sh"
+total_batch 4096 128
+launch_nodes run_pretraining.py \
     --data_path "${DATA_PATH:?set DATA_PATH to the ImageNet folder (with train/)}" \
     --output_dir "${OUTPUT_DIR:-output/bootmae_large_800ep}" \
     --model bootmae_large \
     --model_ema --model_ema_decay 0.999 \
-    --batch_size "$BATCH" --update_freq "$UPDATE_FREQ" --lr 1.5e-4 --min_lr 1e-5 \
+    --batch_size "$BATCH" --update_freq "$ACCUM" --lr 1.5e-4 --min_lr 1e-5 \
     --epochs 801 --warmup_epochs 40 \
     --mask_num 147 --num_mask_patches 120 --feature_weight 1 --weight_mask \
     --num_workers 10 "$@"

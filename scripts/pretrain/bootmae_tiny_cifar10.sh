@@ -6,12 +6,8 @@
 # Needs CIFAR-10 in torchvision's on-disk format: $DATA_PATH/cifar-10-batches-py/.
 #   DATA_PATH=/data/cifar bash scripts/pretrain/bootmae_tiny_cifar10.sh            (one GPU)
 #   NPROC=2 ... for torchrun on two GPUs (the per-process batch halves)
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-PYTHON=${PYTHON:-.venv/bin/python}
-NPROC=${NPROC:-1}
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} exec "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" \
-    run_pretraining.py \
+source "$(dirname "$0")/../launch.sh"
+launch_local run_pretraining.py \
     --data_set cifar10 --data_path "${DATA_PATH:?set DATA_PATH to the folder holding cifar-10-batches-py}" \
     --output_dir "${OUTPUT_DIR:-output/bootmae_tiny_cifar10}" \
     --model bootmae_tiny --input_size 32 --patch_size 4 --drop_path 0.0 \

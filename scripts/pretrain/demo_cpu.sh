@@ -2,9 +2,7 @@
 # BootMAE-Tiny on the embedded demo photos (scikit-image's sample photographs), on CPU.
 # A few minutes on 2 cores; leaves checkpoints, log.txt, TensorBoard events and reconstruction.png in
 # $OUTPUT_DIR (default output/demo). Extra flags are passed on, e.g. --epochs 2.
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-PYTHON=${PYTHON:-.venv/bin/python}
+source "$(dirname "$0")/../launch.sh"
 OUTPUT_DIR=${OUTPUT_DIR:-output/demo}
 # 112 px images: a 7x7 grid of 16 px patches, 37 of 49 masked (75 %), block budget 30 (the release's
 # 120/147 ratio), blocks of 4-16 patches. A higher lr than the ImageNet recipe suits the small batch.
