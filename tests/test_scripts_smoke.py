@@ -251,7 +251,15 @@ def test_script_launches_the_documented_arguments(script, stand_ins):
     ENTRY_POINTS[entry].check_args(copy.deepcopy(parsed))
 
 
-@pytest.mark.parametrize("script", [s for s in SH_SCRIPTS if "BATCH=" in open(os.path.join(ROOT, s)).read()])
+# the recipes that accumulate to a documented total batch (scripts/launch.sh's total_batch TOTAL BATCH)
+BATCH_SCRIPTS = [s for s in SH_SCRIPTS if re.search(r"^total_batch \d+", open(os.path.join(ROOT, s)).read(), re.M)]
+
+
+def test_the_paper_recipes_accumulate_to_their_total_batch():
+    assert len(BATCH_SCRIPTS) == 6, BATCH_SCRIPTS   # pretraining, fine-tuning and linear probing, ViT-B and ViT-L
+
+
+@pytest.mark.parametrize("script", BATCH_SCRIPTS)
 def test_total_batch_holds_for_other_shapes(script, stand_ins):
     """NNODES x GPUS x BATCH with the accumulation the script computes keeps the documented total batch (for
     shapes that can reach it), and never accumulates less than one step."""
