@@ -30,6 +30,7 @@ import torch
 
 import checkpoints
 import modeling_bootmae
+import release_format
 import utils
 
 TIMM_NAMES = {"tiny": "vit_tiny_patch16_224", "small": "vit_small_patch16_224", "base": "vit_base_patch16_224",
@@ -43,25 +44,11 @@ _SAME = ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.proj.weight", "a
 
 def select_entry(checkpoint, model_key):
     """The state dict under the first of the '|'-separated keys present, or the checkpoint itself if it is a
-    bare state dict; ``module.``/``encoder.`` prefixes removed (as ``encoder_state_dict`` does)."""
-    state = None
-    for key in model_key.split("|"):
-        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
-            state = checkpoint[key]
-            break
-    if state is None:
-        if isinstance(checkpoint, dict) and any(torch.is_tensor(v) for v in checkpoint.values()):
-            state = checkpoint
-        else:
-            have = ", ".join(map(str, checkpoint)) if isinstance(checkpoint, dict) else type(checkpoint).__name__
-            raise utils.UsageError(f"the checkpoint has no '{model_key}' entry (it has: {have}); choose --model_key")
-    out = {}
-    for key, value in state.items():
-        for prefix in ("module.", "encoder."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        out[key] = value
-    return out
+    bare state dict; ``module.``/``encoder.`` prefixes removed (``release_format.checkpoint_entry``)."""
+    try:
+        return release_format.checkpoint_entry(checkpoint, model_key)
+    except ValueError as e:
+        raise utils.UsageError(f"{e}; choose --model_key") from e
 
 
 def infer_size(state):

@@ -67,6 +67,27 @@ def to_release_state_dict(model_or_state_dict, model=None):
 
 
 
+def checkpoint_entry(checkpoint, model_key="model"):
+    """The state dict under the first of the '|'-separated keys of ``model_key`` that ``checkpoint`` holds, or
+    the checkpoint itself if it is a bare state dict, with ``module.``/``encoder.`` prefixes removed. Raises
+    ValueError naming the entries the checkpoint has."""
+    state = next((checkpoint[k] for k in model_key.split("|")
+                  if isinstance(checkpoint, dict) and isinstance(checkpoint.get(k), dict)), None)
+    if state is None:
+        if isinstance(checkpoint, dict) and any(torch.is_tensor(v) for v in checkpoint.values()):
+            state = checkpoint  # a bare state dict
+        else:
+            have = ", ".join(map(str, checkpoint)) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+            raise ValueError(f"the checkpoint has no '{model_key}' entry (it has: {have})")
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "encoder."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
 def encoder_state_dict(checkpoint, model_key="model"):
     """The encoder tensors of a checkpoint (ours or the release's, pretraining or fine-tuning), in our key
     names: decoders, heads and the fixed position tables dropped, ``module.``/``encoder.`` prefixes removed.
@@ -74,23 +95,8 @@ def encoder_state_dict(checkpoint, model_key="model"):
     ``checkpoint`` is a loaded dict; ``model_key`` may list alternatives separated by '|' ("model|module").
     Raises ValueError when the checkpoint has no such entry or no encoder tensors.
     """
-    state = None
-    for key in model_key.split("|"):
-        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
-            state = checkpoint[key]
-            break
-    if state is None:
-        if isinstance(checkpoint, dict) and any(torch.is_tensor(v) for v in checkpoint.values()):
-            state = checkpoint  # a bare state dict
-        else:
-            raise ValueError(f"the checkpoint has no '{model_key}' entry (it has: {', '.join(map(str, checkpoint))})")
-    out = {}
-    for key, value in state.items():
-        for prefix in ("module.", "encoder."):
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        if key.startswith(ENCODER_PREFIXES) and torch.is_tensor(value):
-            out[key] = value
+    out = {k: v for k, v in checkpoint_entry(checkpoint, model_key).items()
+           if k.startswith(ENCODER_PREFIXES) and torch.is_tensor(v)}
     if not any(k.startswith("blocks.") for k in out):
         raise ValueError(f"the checkpoint's '{model_key}' entry holds no encoder tensors (no 'blocks.*' keys)")
     return out
