@@ -23,6 +23,7 @@ except ImportError as e:
                 f"enable with: bash setup_openmmlab.sh", allow_module_level=True)
 
 import backbone_vit
+from tiny_coco import write_tiny_coco
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEG_CFG = os.path.join(ROOT, "semantic_segmentation/configs/upernet_bootmae_base_512_160k_ade20k.py")
@@ -313,25 +314,8 @@ def test_mask_rcnn_from_config_trains_and_predicts():
 def test_det_entry_points_train_and_test(tmp_path, capsys):
     """detection/train.py for one epoch on a 2-image COCO-format set (CocoDataset, CocoMetric), then test.py
     on its checkpoint (loaded weights-only) with the raw results dumped."""
-    import json
-    import cv2
-    from mmdet.datasets import CocoDataset
     root = tmp_path / "coco"
-    names = CocoDataset.METAINFO["classes"]
-    (root / "annotations").mkdir(parents=True)
-    for split in ("train2017", "val2017"):
-        (root / split).mkdir()
-        images, anns = [], []
-        for i in range(2):
-            cv2.imwrite(str(root / split / f"{i}.jpg"),
-                        np.random.default_rng(i).integers(0, 255, (96, 128, 3), dtype=np.uint8))
-            images.append({"id": i + 1, "file_name": f"{i}.jpg", "height": 96, "width": 128})
-            for j, (x, y, w, h) in enumerate([(10, 10, 50, 40), (60, 30, 50, 50)]):
-                anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 3 + j, "bbox": [x, y, w, h],
-                             "area": w * h, "iscrowd": 0, "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]})
-        cats = [{"id": k + 1, "name": n} for k, n in enumerate(names)]
-        (root / "annotations" / f"instances_{split}.json").write_text(
-            json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    write_tiny_coco(root, boxes=((10, 10, 50, 40), (60, 30, 50, 50)))
     small = ["model.backbone.embed_dim=96", "model.backbone.depth=4", "model.backbone.num_heads=3",
              "model.backbone.out_indices=[0,1,2,3]", "model.backbone.img_size=64",
              "model.neck.in_channels=[96,96,96,96]", "model.neck.out_channels=32", "model.rpn_head.in_channels=32",

@@ -41,6 +41,7 @@ import main_linprobe  # noqa: E402
 import run_class_finetuning  # noqa: E402
 import run_pretraining  # noqa: E402
 import utils  # noqa: E402
+from tiny_coco import write_tiny_coco  # noqa: E402
 
 ENTRY_POINTS = {"run_pretraining.py": run_pretraining, "run_class_finetuning.py": run_class_finetuning,
                 "main_linprobe.py": main_linprobe}
@@ -478,22 +479,8 @@ def test_segmentation_launchers_run(openmmlab, pretrained, tmp_path):
 
 
 def test_detection_launcher_runs(openmmlab, tmp_path):
-    import cv2
-    from mmdet.datasets import CocoDataset
     root = tmp_path / "coco"
-    (root / "annotations").mkdir(parents=True)
-    for split in ("train2017", "val2017"):
-        (root / split).mkdir()
-        images, anns = [], []
-        for i in range(2):
-            cv2.imwrite(str(root / split / f"{i}.jpg"),
-                        np.random.default_rng(i).integers(0, 255, (96, 128, 3), dtype=np.uint8))
-            images.append({"id": i + 1, "file_name": f"{i}.jpg", "height": 96, "width": 128})
-            anns.append({"id": i + 1, "image_id": i + 1, "category_id": 3, "bbox": [10, 10, 50, 40], "area": 2000,
-                         "iscrowd": 0, "segmentation": [[10, 10, 60, 10, 60, 50, 10, 50]]})
-        cats = [{"id": k + 1, "name": n} for k, n in enumerate(CocoDataset.METAINFO["classes"])]
-        (root / "annotations" / f"instances_{split}.json").write_text(
-            json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    write_tiny_coco(root)
     small = TINY_BACKBONE + NO_WORKERS + [
         "model.neck.in_channels=[96,96,96,96]", "model.neck.out_channels=32", "model.rpn_head.in_channels=32",
         "model.rpn_head.feat_channels=32", "model.roi_head.bbox_roi_extractor.out_channels=32",
