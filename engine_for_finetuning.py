@@ -9,17 +9,8 @@ import torch.nn as nn
 from timm.utils import accuracy
 
 import utils
+from optim_factory import optimizer_step, set_schedules
 from finetune_deepspeed import deepspeed_step
-
-
-def set_schedules(optimizer, lr, weight_decay):
-    """Scheduled lr times each group's ``lr_scale`` (layer-wise decay); the scheduled weight decay on the
-    groups that decay. Python floats: optimizer state goes into checkpoints loaded with weights_only=True,
-    which refuses numpy scalars."""
-    for group in optimizer.param_groups:
-        group["lr"] = float(lr) * group.get("lr_scale", 1.0)
-        if group["weight_decay"] > 0:
-            group["weight_decay"] = float(weight_decay)
 
 
 def report_step(logger, optimizer, log_writer, epoch, step, steps_per_epoch, start):
@@ -85,13 +76,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, arg
             # accumulation micro-steps keep their gradients local; the update micro-step all-reduces them (DDP)
             with model.no_sync() if not update and hasattr(model, "no_sync") else contextlib.nullcontext():
                 scaler.scale(loss / update_freq).backward()
-            grad_norm = None
-            if update:
-                scaler.unscale_(optimizer)
-                grad_norm = loss_scaler.clip_grad_norm(params, args.clip_grad)
-                scaler.step(optimizer)   # fp16: skipped when a gradient is inf or NaN, and the scale shrinks
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(optimizer, scaler, params, args.clip_grad) if update else None
         if update and model_ema is not None:
             model_ema.update(unwrapped)
         utils.mark_first_nonfinite(bad_step, loss, it)

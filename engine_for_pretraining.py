@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import utils
+from optim_factory import optimizer_step, set_schedules
 from utils import NonFiniteLossError
 
 
@@ -319,12 +320,7 @@ def train_one_epoch(model, targets, data_loader, optimizer, loss_scaler, device,
             break
         it = epoch * steps_per_epoch + step
         if data_iter % update_freq == 0:
-            for group in optimizer.param_groups:
-                # Python floats, not numpy scalars: the optimizer state goes into checkpoints that are
-                # loaded with torch.load(weights_only=True), which refuses numpy objects
-                group["lr"] = float(lr_schedule[it]) * group.get("lr_scale", 1.0)
-                if group["weight_decay"] > 0:
-                    group["weight_decay"] = float(wd_schedule[it])
+            set_schedules(optimizer, lr_schedule[it], wd_schedule[it])
         # the masked count is read on the host, before the copy, so the step never waits for the device
         num_masked = int(mask[0].sum())
         images = images.to(device, non_blocking=True)
@@ -343,11 +339,7 @@ def train_one_epoch(model, targets, data_loader, optimizer, loss_scaler, device,
             scaler.scale(loss / update_freq).backward()
         grad_norm = None
         if update:
-            scaler.unscale_(optimizer)
-            grad_norm = loss_scaler.clip_grad_norm(params, args.clip_grad)
-            scaler.step(optimizer)   # fp16: skipped when a gradient is inf or NaN, and the scale shrinks
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(optimizer, scaler, params, args.clip_grad)  # unscale, clip, step, zero
             if targets is not None:
                 targets.after_step(unwrapped, momentum)
             log.step_done()

@@ -1,4 +1,5 @@
-"""Optimizer parameter groups (the release's AdamW grouping, with optional layer-wise lr decay)."""
+"""Optimizer parameter groups (the release's AdamW grouping, with optional layer-wise lr decay), the schedules'
+per-step setting, and the optimizer step the training loops share."""
 import torch
 
 
@@ -64,3 +65,37 @@ def create_optimizer(args, model, skip_list=None, betas=(0.9, 0.95), **group_kwa
     skip = set(skip_list if skip_list is not None else getattr(model, "no_weight_decay", set)())
     groups = param_groups(model, args.weight_decay, skip, **group_kwargs)
     return adamw(groups, args.lr, betas, getattr(args, "opt_eps", 1e-8), getattr(args, "fused_adamw", True))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the step, shared by the pretraining and fine-tuning loops
+
+def set_schedules(optimizer, lr, weight_decay):
+    """Scheduled lr times each group's ``lr_scale`` (layer-wise decay); the scheduled weight decay on the
+    groups that decay. Python floats: optimizer state goes into checkpoints loaded with weights_only=True,
+    which refuses numpy scalars."""
+    for group in optimizer.param_groups:
+        group["lr"] = float(lr) * group.get("lr_scale", 1.0)
+        if group["weight_decay"] > 0:
+            group["weight_decay"] = float(weight_decay)
+
+
+def clip_grad_norm(parameters, clip_grad=None):
+    """The total norm of the (unscaled) gradients of ``parameters`` before clipping, a tensor (no host sync);
+    with ``clip_grad`` the gradients are then scaled down to at most that norm."""
+    if clip_grad:
+        return torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def optimizer_step(optimizer, scaler, params, clip_grad=None):
+    """The update micro-step after the backward passes: unscale the gradients (fp16), measure and clip their
+    norm, step (under fp16 the GradScaler skips a step whose gradients hold inf or NaN, and shrinks its scale),
+    update the scale, clear the gradients. Returns the gradient norm before clipping (a device tensor)."""
+    scaler.unscale_(optimizer)
+    grad_norm = clip_grad_norm(params, clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm

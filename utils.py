@@ -167,21 +167,12 @@ def cosine_scheduler(base_value, final_value, epochs, steps_per_epoch, warmup_ep
 class LossScaler:
     """The GradScaler of a run, kept in checkpoints under ``scaler``: active for fp16 only (for bf16 and float32
     its calls pass through). The training loops call ``scaler`` in the open (scale -> backward; on the update
-    micro-step unscale_ -> ``clip_grad_norm`` -> step -> update)."""
+    micro-step ``optim_factory.optimizer_step``: unscale_ -> clip -> step -> update)."""
     state_dict_key = "scaler"
 
     def __init__(self, device_type, fp16):
         self.fp16 = fp16
         self.scaler = torch.amp.GradScaler(device_type, enabled=fp16)
-
-    @staticmethod
-    def clip_grad_norm(parameters, clip_grad=None):
-        """The total norm of the (unscaled) gradients of ``parameters`` before clipping, a tensor (no host sync);
-        with ``clip_grad`` the gradients are then scaled down to at most that norm."""
-        if clip_grad:
-            return torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
-        grads = [p.grad for p in parameters if p.grad is not None]
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
     def state_dict(self):
         return self.scaler.state_dict()

@@ -23,7 +23,8 @@ import datasets  # noqa: E402
 import modeling_bootmae as mb  # noqa: E402
 import run_class_finetuning as rcf  # noqa: E402
 import utils  # noqa: E402
-from engine_for_finetuning import evaluate, set_schedules  # noqa: E402
+from engine_for_finetuning import evaluate  # noqa: E402
+from optim_factory import set_schedules  # noqa: E402
 from optim_factory import adamw, finetune_param_groups  # noqa: E402
 
 REF = os.path.join(ROOT, "tests", "data", "official_small_reference.pt")
