@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import datasets  # noqa: E402
-import run_pretraining  # noqa: E402
+import pretraining_args  # noqa: E402
 
 # the sizes of the generated images, (width, height): ImageNet's typical landscape and portrait shapes
 IMAGE_SIZES = ((500, 375), (500, 375), (500, 375), (375, 500), (500, 333), (500, 400))
@@ -62,18 +62,18 @@ def image_folder(root, num_images, quality=90, seed=0):
     return folder
 
 
-def pretraining_args(folder, pipeline, workers, batch_size, device):
+def loader_args(folder, pipeline, workers, batch_size, device):
     """run_pretraining.py's arguments for the benchmarked loader (its defaults otherwise), checked as it does."""
-    args = run_pretraining.get_args_parser().parse_args(
+    args = pretraining_args.get_args_parser().parse_args(
         ["--data_path", folder, "--data_pipeline", pipeline, "--num_workers", str(workers),
          "--batch_size", str(batch_size), "--device", str(device)])
-    run_pretraining.check_args(args)
+    pretraining_args.check_args(args)
     return args
 
 
 def measure(folder, pipeline, workers, args, device):
     """Seconds per timed batch of one loader of the configuration, warm-up excluded."""
-    recipe = pretraining_args(folder, pipeline, workers, args.batch_size, device)
+    recipe = loader_args(folder, pipeline, workers, args.batch_size, device)
     dataset = datasets.build_pretraining_dataset(recipe)
     total = (args.warmup + args.batches) * args.batch_size
     sampler = torch.utils.data.RandomSampler(dataset, num_samples=total,

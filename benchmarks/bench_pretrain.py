@@ -16,7 +16,7 @@ Prints a table line and one JSON line per configuration.
 
 Paper Table 5's rows: ``--target_fraction 0.25|0.5|0.75`` feeds that fraction of the patches (drawn from the
 masked ones) to the momentum encoder and evaluates the feature loss on them; ``--mae`` times the MAE baseline
-as ``run_pretraining.py --mae`` builds it (``MAE_PRESET``: no feature predictor, no momentum encoder, MAE's
+as ``run_pretraining.py --mae`` builds it (``ablation_flags.MAE_PRESET``: no feature predictor, no momentum encoder, MAE's
 8-block 512-wide decoder without cross-attention, random masks, per-patch normalised pixels), e.g.
 ``for f in 0.25 0.5 0.75 1; do python benchmarks/bench_pretrain.py --batch_size 256 --amp bf16
 --target_fraction $f; done; python benchmarks/bench_pretrain.py --batch_size 256 --amp bf16 --mae``.
@@ -34,7 +34,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import modeling_bootmae  # noqa: E402
-import run_pretraining  # noqa: E402
+import pretraining_args  # noqa: E402
+import pretraining_state  # noqa: E402
 from engine_for_pretraining import bootmae_loss, sample_target_patches, target_patch_count  # noqa: E402
 from masking_generator import build_masking_generator  # noqa: E402
 
@@ -117,26 +118,26 @@ class PlainEMA:
             ema_v.copy_(ema_v * self.decay + (1.0 - self.decay) * v)
 
 
-def pretraining_args(args):
+def recipe_args(args):
     """``run_pretraining.py``'s arguments of the benchmarked pretraining: the release's BootMAE (its scripts'
     flags, --weight_mask included) or, with --mae, the MAE preset; --decoder_dim overrides either."""
     flags = ["--model", args.model, "--input_size", str(args.input_size), "--mae" if args.mae else "--weight_mask"]
     for flag in ("patch_size", "decoder_dim"):
         if getattr(args, flag):
             flags += [f"--{flag}", str(getattr(args, flag))]
-    return run_pretraining.get_args_parser().parse_args(flags)
+    return pretraining_args.get_args_parser().parse_args(flags)
 
 
 def build(args, path, device, amp_dtype):
     from timm.models import create_model
     from timm.utils import ModelEmaV3
     torch.manual_seed(0)
-    recipe = pretraining_args(args)
+    recipe = recipe_args(args)
     if args.task == "finetune":
         model = create_model(args.model + "_patch16_224" if "patch" not in args.model else args.model,
                              img_size=args.input_size, num_classes=1000, drop_path_rate=0.1).to(device)
     else:
-        model = run_pretraining.build_model(recipe).to(device)
+        model = pretraining_state.build_model(recipe).to(device)
     if args.checkpointing:
         model.set_grad_checkpointing(True)
     fast = path == "fast"
@@ -163,7 +164,7 @@ def make_batches(args, model, device, n=4):
     grid = args.input_size // model.patch_size
     num_patches = grid * grid
     mask_num = args.mask_num or round(0.75 * num_patches)
-    gen = build_masking_generator(pretraining_args(args).mask_type, (grid, grid), mask_num,
+    gen = build_masking_generator(recipe_args(args).mask_type, (grid, grid), mask_num,
                                   round(mask_num * 120 / 147),
                                   max_num_patches=max(16, round(60 * num_patches / 196)),
                                   min_num_patches=min(16, max(1, num_patches // 12)),
@@ -187,7 +188,7 @@ class Runner:
         self.model, self.step_model, self.optimizer, self.ema, self.teacher_fn = built
         self.batches, self.num_patches, self.mask_num = make_batches(args, self.model, device)
         self.loss_fn = torch.compile(bootmae_loss) if path == "fast" and args.compile else bootmae_loss
-        self.recipe = pretraining_args(args)
+        self.recipe = recipe_args(args)
         self.autocast = dict(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
         self.times = []
         self.i = 0

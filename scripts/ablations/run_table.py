@@ -55,7 +55,8 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
 import checkpoints  # noqa: E402
-import run_pretraining  # noqa: E402
+import pretraining_args  # noqa: E402
+import pretraining_state  # noqa: E402
 import tables  # noqa: E402
 import utils  # noqa: E402
 from engine_for_pretraining import target_patch_count  # noqa: E402
@@ -116,12 +117,12 @@ class _MetaDevice(DeviceContext):
 def parse_pretraining(flags, stand_in=None):
     """run_pretraining's Namespace of ``flags`` after its checks. ``stand_in``: an existing file that replaces
     ``--target_checkpoint`` for the checks (the checkpoint of a pretraining that has not run yet)."""
-    parser = argparse.ArgumentParser("run_table", parents=[run_pretraining.get_args_parser()])
+    parser = argparse.ArgumentParser("run_table", parents=[pretraining_args.get_args_parser()])
     args = parser.parse_args(list(flags))
     path = args.target_checkpoint
     if stand_in:
         args.target_checkpoint = stand_in
-    run_pretraining.check_args(args)
+    pretraining_args.check_args(args)
     args.target_checkpoint = path
     return args
 
@@ -133,7 +134,7 @@ def _model_facts(flags):
     import bench_pretrain
     args = parse_pretraining(flags, stand_in=__file__ if "--target_checkpoint" in flags else None)
     with _MetaDevice("meta"):
-        model = run_pretraining.build_model(args)
+        model = pretraining_state.build_model(args)
     decoder = model.pixel_decoder or model.feature_decoder
     arch = dict(patch_size=model.patch_size, encoder_dim=model.embed_dim, encoder_depth=len(model.blocks),
                 encoder_heads=model.num_heads, decoder_dim=model.decoder_dim, decoder_depth=len(decoder.blocks),
@@ -205,7 +206,7 @@ class Planner:
                   o.data_paths[table.setting], *o.extra]
         if o.smoke:
             flags += SMOKE[table.setting]["pretrain"]
-            if run_pretraining.get_args_parser().parse_known_args(flags)[0].pixel_warmup_epochs:
+            if pretraining_args.get_args_parser().parse_known_args(flags)[0].pixel_warmup_epochs:
                 flags += SMOKE_WARMUP
         return flags
 
@@ -258,7 +259,7 @@ def init_checkpoint(args, path):
     """A freshly initialised model of the Namespace ``args`` (the "no pretraining" rows), in our layout."""
     import torch
     torch.manual_seed(args.seed)
-    model = run_pretraining.build_model(args)
+    model = pretraining_state.build_model(args)
     # save_on_master writes atomically (temporary file, then rename) and creates the folder
     checkpoints.save_on_master({"model": model.state_dict(), "epoch": -1, "args": checkpoints.args_dict(args)}, path)
 
