@@ -55,6 +55,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
 import checkpoints  # noqa: E402
+import flops  # noqa: E402
 import pretraining_args  # noqa: E402
 import pretraining_state  # noqa: E402
 import tables  # noqa: E402
@@ -130,8 +131,6 @@ def parse_pretraining(flags, stand_in=None):
 @functools.lru_cache(maxsize=None)
 def _model_facts(flags):
     """(architecture in the flags' terms, training FLOPs per image) of the model that ``flags`` build."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import bench_pretrain
     args = parse_pretraining(flags, stand_in=__file__ if "--target_checkpoint" in flags else None)
     with _MetaDevice("meta"):
         model = pretraining_state.build_model(args)
@@ -142,7 +141,7 @@ def _model_facts(flags):
                 context_blocks=list(model.context_blocks))
     patches = (args.input_size // model.patch_size) ** 2
     fed = target_patch_count(args.target_fraction, patches) if args.target_fraction < 1 else None
-    student, teacher, patch_embed = bench_pretrain.bootmae_flops(model, patches, args.mask_num, fed)
+    student, teacher, patch_embed = flops.bootmae_flops(model, patches, args.mask_num, fed)
     targets = 2 if args.target_encoder == "mae_new" else 1   # MAE-new feeds a fast and a slow target network
     return arch, 3 * student - patch_embed + targets * teacher
 
