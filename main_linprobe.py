@@ -343,7 +343,10 @@ SCHEDULE_FLAGS = ("epochs", "warmup_epochs", "lr", "min_lr", "weight_decay")
 
 # ---------------------------------------------------------------------------------------------------------
 
-def main(args):
+def resolve_args(args):
+    """``check_args``, then the checkpoint to resume (--resume, or the newest of --output_dir unless --eval):
+    --eval takes the probe settings left unset from it, and a head only continues on the features it was trained
+    on. Fills args.depth and args.global_pool; returns (the checkpoint's path, the checkpoint or None)."""
     check_args(args)
     resume_path, ckpt = checkpoints.load_resume_checkpoint(args.resume, args.output_dir,
                                                            args.auto_resume and not args.eval)
@@ -357,13 +360,12 @@ def main(args):
     args.global_pool = bool(args.global_pool)
     if ckpt is not None:
         check_matches_checkpoint(args, ckpt_args, resume_path)
+    return resume_path, ckpt
 
-    utils.init_distributed_mode(args)
-    device = torch.device(args.device)
-    args.amp, amp_dtype = utils.resolve_amp(args.amp, device)
-    world, rank = utils.get_world_size(), utils.get_rank()
 
-    # data (bad paths stop here, before the model is built or anything written)
+def build_loaders(args, device, world):
+    """(training loader over a DistributedSampler, validation loader: sharded with --dist_eval, else the whole
+    set on every rank); fills args.nb_classes. Bad paths stop here, before the model is built or anything written."""
     train_set, nb_train = build_dataset(True, args, transform=build_train_transform(args))
     val_set, nb_val = build_dataset(False, args, transform=build_eval_transform(args))
     nb_data = max(nb_train, nb_val)
@@ -372,7 +374,7 @@ def main(args):
     elif args.nb_classes < nb_data:
         raise utils.UsageError(f"--nb_classes {args.nb_classes} is below the {nb_data} classes of the data; "
                                f"drop it to use the data's count")
-    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
+    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=utils.get_rank(), shuffle=True,
                                                   seed=args.seed)
     pin = args.pin_mem and device.type == "cuda"
     train_loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=args.batch_size,
@@ -383,8 +385,12 @@ def main(args):
     if not args.eval and len(train_loader) == 0:
         raise utils.UsageError(f"{len(train_set)} training images over {world} process(es) give no full batch of "
                                f"--batch_size {args.batch_size}; lower it or add data")
+    return train_loader, val_loader
 
-    # model: every rank draws the same head (DDP would broadcast rank 0's anyway)
+
+def build_model(args, device):
+    """(the probe on ``device`` with the --finetune encoder, its trainable parameter count). Every rank draws the
+    same head (DDP would broadcast rank 0's anyway)."""
     torch.manual_seed(args.seed)
     model = build_probe(args, args.nb_classes)
     load_probe_encoder(model, args.finetune, args.model_key)
@@ -393,15 +399,12 @@ def main(args):
     utils.print0(f"probe: bootmae_{args.size}, {args.depth} blocks, "
                  f"{'mean of patch tokens + LayerNorm' if args.global_pool else 'cls token'}, "
                  f"head BN + Linear({model.embed_dim}, {args.nb_classes}): {n_parameters:,} trainable parameters")
+    return model, n_parameters
 
-    total_batch = args.batch_size * args.accum_iter * world
-    if args.lr is None:
-        args.lr = args.blr * total_batch / 256
-    if not args.eval:
-        utils.print0(f"lr {args.lr:.3e} (base {args.lr * 256 / total_batch:.3e} x total batch {total_batch} / 256), "
-                     f"accum_iter {args.accum_iter}, {len(train_loader)} batches per process and epoch")
-    optimizer = build_optimizer(model.head, args)
 
+def resume_head(args, model, optimizer, ckpt, resume_path):
+    """(first epoch, best top-1 so far): the head of ``ckpt``, and unless --eval its optimizer state and
+    position (with a warning where the schedule flags changed)."""
     start_epoch, max_accuracy = args.start_epoch, 0.0
     if ckpt is not None:
         load_head(model, ckpt, resume_path)
@@ -413,14 +416,14 @@ def main(args):
                                                                               f"epoch {start_epoch}"))
         if not args.eval:
             checkpoints.warn_schedule_changes(args, ckpt, resume_path, SCHEDULE_FLAGS, accumulation="accum_iter")
+    return start_epoch, max_accuracy
 
-    if args.eval:
-        stats = evaluate_probe(model, val_loader, amp_dtype, args.dist_eval)
-        utils.print0(f"Accuracy of the network on the {stats['n']} test images: top-1 {stats['acc1']:.2f} %, "
-                     f"top-5 {stats['acc5']:.2f} %")
-        utils.print0("eval: " + json.dumps(stats))
-        return stats
 
+def train(args, model, optimizer, loaders, start_epoch, max_accuracy, n_parameters, device, amp_dtype):
+    """Epochs ``start_epoch``.. of the head (``engine_for_finetuning.run_epochs``): train, evaluate, log.txt record,
+    checkpoint-best.pth when top-1 improves and checkpoint-last.pth. Returns the last epoch's test statistics
+    (None when no epoch is left)."""
+    train_loader, val_loader = loaders
     checkpoints.remove_stale_temporaries(args.output_dir)
     head = model.head
     if args.distributed:
@@ -431,39 +434,59 @@ def main(args):
     # nothing
     log_writer = (utils.LazySummaryWriter(args.log_dir or args.output_dir)
                   if utils.is_main_process() and args.output_dir else None)
+    best = {"acc1": max_accuracy, "stats": None}
 
-    utils.print0(f"training epochs {start_epoch}..{args.epochs - 1}")
-    start_time = time.time()
-    stats = None
-    for epoch in range(start_epoch, args.epochs):
-        utils.seed_everything(args.seed + 1000003 * epoch + rank)
-        sampler.set_epoch(epoch)
+    def run_epoch(epoch):
         train_stats = train_one_epoch(model, head, train_loader, optimizer, device, epoch, args, amp_dtype, log_writer)
         sync_head_buffers(model)
         stats = evaluate_probe(model, val_loader, amp_dtype, args.dist_eval)
-        improved = stats["acc1"] > max_accuracy or epoch == 0
-        max_accuracy = max(max_accuracy, stats["acc1"])
+        improved = stats["acc1"] > best["acc1"] or epoch == 0
+        best.update(acc1=max(best["acc1"], stats["acc1"]), stats=stats)
         utils.print0(f"epoch {epoch}: train loss {train_stats['loss']:.4f}, test on {stats['n']} images: top-1 "
                      f"{stats['acc1']:.2f} %, top-5 {stats['acc5']:.2f} %, loss {stats['loss']:.4f} "
-                     f"(best top-1 {max_accuracy:.2f} %)")
-        checkpoints.append_log(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
-                                                 **{f"test_{k}": v for k, v in stats.items()},
-                                                 "epoch": epoch, "max_accuracy": max_accuracy,
-                                                 "n_parameters": n_parameters})
-        # the record, then the checkpoints: a run killed before checkpoint-last.pth moves on repeats the epoch,
-        # and its first record replaces the one left behind (checkpoints.append_log)
-        if improved:
-            save(args, "checkpoint-best.pth", model, optimizer, epoch, max_accuracy, stats)
-        save(args, "checkpoint-last.pth", model, optimizer, epoch, max_accuracy, stats)
+                     f"(best top-1 {best['acc1']:.2f} %)")
         if log_writer is not None:
             for key in ("acc1", "acc5", "loss"):
                 log_writer.add_scalar(f"perf/test_{key}", stats[key], epoch)
-            log_writer.flush()
-    if log_writer is not None:
-        log_writer.close()
-    utils.print0(f"training time {utils.format_seconds(time.time() - start_time)}, best top-1 {max_accuracy:.2f} %")
-    return stats
+        record = {**{f"train_{k}": v for k, v in train_stats.items()}, **{f"test_{k}": v for k, v in stats.items()},
+                  "epoch": epoch, "max_accuracy": best["acc1"], "n_parameters": n_parameters}
 
+        def save_checkpoints():
+            for name in (["checkpoint-best.pth"] if improved else []) + ["checkpoint-last.pth"]:
+                save(args, name, model, optimizer, epoch, best["acc1"], stats)
+        return record, save_checkpoints
+
+    engine_for_finetuning.run_epochs(args, start_epoch, train_loader.sampler, log_writer, run_epoch,
+                                     summary=lambda: f", best top-1 {best['acc1']:.2f} %")
+    return best["stats"]
+
+
+def main(args):
+    resume_path, ckpt = resolve_args(args)
+    utils.init_distributed_mode(args)
+    device = torch.device(args.device)
+    args.amp, amp_dtype = utils.resolve_amp(args.amp, device)
+    world = utils.get_world_size()
+    train_loader, val_loader = build_loaders(args, device, world)
+    model, n_parameters = build_model(args, device)
+
+    total_batch = args.batch_size * args.accum_iter * world
+    if args.lr is None:
+        args.lr = args.blr * total_batch / 256
+    if not args.eval:
+        utils.print0(f"lr {args.lr:.3e} (base {args.lr * 256 / total_batch:.3e} x total batch {total_batch} / 256), "
+                     f"accum_iter {args.accum_iter}, {len(train_loader)} batches per process and epoch")
+    optimizer = build_optimizer(model.head, args)
+    start_epoch, max_accuracy = resume_head(args, model, optimizer, ckpt, resume_path)
+
+    if args.eval:
+        stats = evaluate_probe(model, val_loader, amp_dtype, args.dist_eval)
+        utils.print0(f"Accuracy of the network on the {stats['n']} test images: top-1 {stats['acc1']:.2f} %, "
+                     f"top-5 {stats['acc5']:.2f} %")
+        utils.print0("eval: " + json.dumps(stats))
+        return stats
+    return train(args, model, optimizer, (train_loader, val_loader), start_epoch, max_accuracy, n_parameters, device,
+                 amp_dtype)
 
 def cli():
     utils.run_cli("BootMAE linear probing", get_args_parser, main)

@@ -14,7 +14,6 @@ import argparse
 import importlib.util
 import json
 import os
-import time
 
 import torch
 from timm.data import Mixup
@@ -29,7 +28,7 @@ import finetune_deepspeed
 import modeling_bootmae
 import utils
 from checkpoints import load_classifier, load_classifier_resume, load_optimizer_state, load_pretrained_encoder
-from engine_for_finetuning import evaluate_checkpoint, evaluate_epoch, train_one_epoch
+from engine_for_finetuning import evaluate_checkpoint, evaluate_epoch, run_epochs, train_one_epoch
 from optim_factory import adamw, finetune_param_groups
 
 # the classifiers registered by modeling_bootmae, by size
@@ -434,7 +433,7 @@ def main(args):
     args.amp, amp_dtype = utils.resolve_amp(args.amp, device)
     if args.compile is None:
         args.compile = device.type == "cuda" and not args.enable_deepspeed
-    world, rank = utils.get_world_size(), utils.get_rank()
+    world = utils.get_world_size()
     utils.print0("args: " + json.dumps(vars(args), default=str))
 
     train_set, train_loader, val_set, val_loader = build_loaders(args, device)
@@ -461,11 +460,7 @@ def main(args):
     if log_writer is not None and engine is not None:
         finetune_deepspeed.write_config(args, device, world)
 
-    utils.print0(f"training epochs {start_epoch}..{args.epochs - 1}")
-    start_time = time.time()
-    for epoch in range(start_epoch, args.epochs):
-        utils.seed_everything(args.seed + 1000003 * epoch + rank)
-        train_loader.sampler.set_epoch(epoch)
+    def run_epoch(epoch):
         train_stats = train_one_epoch(train_model, criterion, train_loader, optimizer, device, epoch, args,
                                       lr_schedule, wd_schedule, loss_scaler=loss_scaler, model_ema=model_ema,
                                       mixup_fn=mixup_fn, log_writer=log_writer, amp_dtype=amp_dtype,
@@ -477,17 +472,11 @@ def main(args):
                                                   eval_amp, best, log_writer)
             record.update(test_record)
         record.update(max_accuracy=best["acc1"], n_parameters=n_parameters)
-        # the epoch's record, then its checkpoints: a run killed before checkpoint-last.pth moves on repeats
-        # the epoch, and its first record replaces the one left behind (checkpoints.append_log)
-        checkpoints.append_log(args.output_dir, record)
-        save_checkpoints(args, epoch, model_without_ddp, optimizer, loss_scaler, model_ema, best, is_best, engine)
-        if log_writer is not None:
-            log_writer.flush()
-    if log_writer is not None:
-        log_writer.close()
-    utils.print0(f"training time {utils.format_seconds(time.time() - start_time)}")
-    return best
+        return record, lambda: save_checkpoints(args, epoch, model_without_ddp, optimizer, loss_scaler, model_ema,
+                                                best, is_best, engine)
 
+    run_epochs(args, start_epoch, train_loader.sampler, log_writer, run_epoch)
+    return best
 
 def cli():
     utils.run_cli("BootMAE fine-tuning", get_args_parser, main)

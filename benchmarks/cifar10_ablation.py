@@ -43,6 +43,7 @@ sys.path.insert(0, ROOT)
 import checkpoints  # noqa: E402
 import knn  # noqa: E402
 import modeling_bootmae  # noqa: E402
+from benchmarks import cached_probe  # noqa: E402
 from datasets import build_dataset  # noqa: E402
 
 ENCODER = dict(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3)
@@ -115,18 +116,9 @@ def linear_probe(train_f, train_l, test_f, test_l, epochs=100, batch_size=256, l
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9)
     steps = epochs * (len(train_f) // batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    head.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(train_f), generator=g)
-        for i in range(len(train_f) // batch_size):
-            idx = order[i * batch_size:(i + 1) * batch_size]
-            loss = F.cross_entropy(head(train_f[idx]), train_l[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    head.eval()
-    return 100.0 * (head(test_f).argmax(1) == test_l).float().mean().item()
+    cached_probe.train_head(head, opt, train_f, train_l, epochs, batch_size, g, drop_last=True,
+                            after_step=sched.step)
+    return cached_probe.top1(head, test_f, test_l)
 
 
 def evaluate(checkpoint, seed, train_set, test_set):

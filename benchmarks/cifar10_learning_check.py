@@ -34,6 +34,7 @@ import knn  # noqa: E402
 import main_linprobe  # noqa: E402
 import modeling_bootmae  # noqa: E402
 import pretrained  # noqa: E402
+from benchmarks import cached_probe  # noqa: E402
 from datasets import build_dataset  # noqa: E402
 
 
@@ -121,20 +122,9 @@ def feature_probe(args, train, test):
     head = main_linprobe.probe_head(train_x.shape[1], 10)
     optimizer = main_linprobe.build_optimizer(head, ns)
     generator = torch.Generator().manual_seed(0)
-    steps = -(-len(train_y) // PROBE_BATCH)
-    head.train()
-    for epoch in range(args.probe_epochs):
-        order = torch.randperm(len(train_y), generator=generator)
-        for step in range(steps):
-            main_linprobe.adjust_learning_rate(optimizer, epoch + step / steps, ns)
-            idx = order[step * PROBE_BATCH:(step + 1) * PROBE_BATCH]
-            loss = F.cross_entropy(head(train_x[idx]), train_y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    head.eval()
-    with torch.no_grad():
-        return 100.0 * (head(test_x).argmax(dim=1) == test_y).float().mean().item()
+    cached_probe.train_head(head, optimizer, train_x, train_y, args.probe_epochs, PROBE_BATCH, generator,
+                            before_step=lambda progress: main_linprobe.adjust_learning_rate(optimizer, progress, ns))
+    return cached_probe.top1(head, test_x, test_y)
 
 
 def probe(args, checkpoint, out_dir, name):
@@ -152,7 +142,7 @@ def probe(args, checkpoint, out_dir, name):
     return records[-1]["test_acc1"]
 
 
-def main():
+def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_path", default=os.path.join(ROOT, "..", "shared", "data", "cifar10"))
     p.add_argument("--output_dir", default=os.path.join(ROOT, "output", "cifar10_learning_check"))
@@ -185,58 +175,72 @@ def main():
                    help="torch.compile the pretraining step (about 1.2x more images per second on a CPU)")
     p.add_argument("--amp", default="bf16", choices=["bf16", "none"], help="pretraining precision")
     p.add_argument("--pretrain_args", default="", help="further run_pretraining.py flags, e.g. '--pixel_norm patch'")
-    args = p.parse_args()
+    return p
+
+
+def check_args(args):
+    """Refuses a bad --crop_pct, creates --output_dir and refuses a --data_path without train.npz / test.npz."""
     if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
         raise SystemExit(f"--crop_pct {args.crop_pct} is not a fraction; give a value in (0, 1] or leave it out")
-    out = args.output_dir
-    os.makedirs(out, exist_ok=True)
+    os.makedirs(args.output_dir, exist_ok=True)
     for name in ("train.npz", "test.npz"):
         if not os.path.isfile(os.path.join(args.data_path, name)):
             raise SystemExit(f"--data_path {args.data_path} has no {name}")
 
-    # the encoder at initialisation: the same construction and seed as the pretraining run
+
+def save_init(args, out):
+    """The encoder at initialisation (the same construction and seed as the pretraining run) in out/init.pth;
+    returns that path."""
     torch.manual_seed(0)
     tiny = {k: v for k, v in modeling_bootmae.MODEL_SIZES["tiny"].items() if k != "patch_size"}
     init = modeling_bootmae.BootMAE(img_size=32, patch_size=args.patch_size, decoder_dim=128, **tiny)
     init_path = os.path.join(out, "init.pth")
     checkpoints.save_on_master({"model": init.state_dict(), "epoch": -1}, init_path)
+    return init_path
 
-    pre_dir = os.path.join(out, "pretrain")
+
+def pretrain_command(args, pre_dir):
+    """The run_pretraining.py command line of the check (see the module docstring)."""
     mask_num, block_budget, min_block, max_block = MASKS[args.patch_size]
-    pretrain_cmd = [sys.executable, "run_pretraining.py", "--data_set", "npz", "--data_path", args.data_path,
-                    "--model", "bootmae_tiny", "--input_size", "32", "--patch_size", str(args.patch_size),
-                    "--decoder_dim", "128", "--mask_num", str(mask_num), "--num_mask_patches", str(block_budget),
-                    "--min_mask_patches_per_block", str(min_block), "--max_mask_patches_per_block", str(max_block),
-                    "--amp", args.amp, "--compile" if args.compile else "--no-compile",
-                    "--batch_size", str(args.batch_size),
-                    "--epochs", str(args.epochs), "--warmup_epochs", str(args.warmup_epochs), "--lr", str(args.lr),
-                    "--min_lr", "1e-5", "--drop_path", "0", "--model_ema_decay", str(args.model_ema_decay),
-                    "--model_ema_warmup_epochs", str(args.epochs),
-                    "--num_workers", str(args.num_workers), "--device", args.device, "--print_freq", "20",
-                    "--save_ckpt_freq", str(args.epochs), "--output_dir", pre_dir, "--no_auto_resume"]
+    cmd = [sys.executable, "run_pretraining.py", "--data_set", "npz", "--data_path", args.data_path,
+           "--model", "bootmae_tiny", "--input_size", "32", "--patch_size", str(args.patch_size),
+           "--decoder_dim", "128", "--mask_num", str(mask_num), "--num_mask_patches", str(block_budget),
+           "--min_mask_patches_per_block", str(min_block), "--max_mask_patches_per_block", str(max_block),
+           "--amp", args.amp, "--compile" if args.compile else "--no-compile",
+           "--batch_size", str(args.batch_size),
+           "--epochs", str(args.epochs), "--warmup_epochs", str(args.warmup_epochs), "--lr", str(args.lr),
+           "--min_lr", "1e-5", "--drop_path", "0", "--model_ema_decay", str(args.model_ema_decay),
+           "--model_ema_warmup_epochs", str(args.epochs),
+           "--num_workers", str(args.num_workers), "--device", args.device, "--print_freq", "20",
+           "--save_ckpt_freq", str(args.epochs), "--output_dir", pre_dir, "--no_auto_resume"]
     if args.weight_mask:
-        pretrain_cmd.append("--weight_mask")
-    pretrain_cmd += shlex.split(args.pretrain_args)
+        cmd.append("--weight_mask")
+    cmd += shlex.split(args.pretrain_args)
     if args.knn_freq:
-        pretrain_cmd += ["--knn_freq", str(args.knn_freq), "--knn_data_set", "npz", "--knn_data_path", args.data_path,
-                         "--knn_batch_size", "500"]
+        cmd += ["--knn_freq", str(args.knn_freq), "--knn_data_set", "npz", "--knn_data_path", args.data_path,
+                "--knn_batch_size", "500"]
         if args.crop_pct is not None:
-            pretrain_cmd += ["--knn_crop_pct", str(args.crop_pct)]
+            cmd += ["--knn_crop_pct", str(args.crop_pct)]
+    return cmd
+
+
+def pretrain(args, out):
+    """(the pretrained checkpoint, the seconds pretraining took: NaN with --skip_pretrain, which reuses the
+    checkpoint of an earlier run)."""
+    pre_dir = os.path.join(out, "pretrain")
+    pretrain_cmd = pretrain_command(args, pre_dir)
     ckpt = os.path.join(pre_dir, "checkpoint-last.pth")
     if args.skip_pretrain:
         if not os.path.isfile(ckpt):
             raise SystemExit(f"--skip_pretrain: {ckpt} does not exist; run once without --skip_pretrain")
-        pretrain_s = float("nan")
-    else:
-        pretrain_s = run(pretrain_cmd, os.path.join(out, "pretrain.log"))
+        return ckpt, float("nan")
+    return ckpt, run(pretrain_cmd, os.path.join(out, "pretrain.log"))
 
-    results = {"pretrain_epochs": args.epochs, "pretrain_seconds": pretrain_s, "threads": torch.get_num_threads(),
-               "config": {k: v for k, v in vars(args).items() if k not in ("data_path", "output_dir")},
-               "knn_top1": {}, "linear_top1": {}}
-    print(f"pretraining: {pretrain_s / 60:.1f} min", flush=True)
-    t0 = time.time()
+
+def evaluate_all(args, results, init_path, ckpt, out):
+    """Fills results["knn_top1"] and results["linear_top1"] for every row of the table; each figure is printed as
+    soon as it is known, so a long evaluation shows progress."""
     pixels = load_pixels(args)
-    # each figure is printed as soon as it is known, so a long evaluation shows progress
     for name, fn in (("raw pixels", lambda: knn_of_pixels(pixels)),
                      ("raw pixels, encoder input", lambda: knn_of_pixels(pixels, centre=False)),
                      ("random init", lambda: knn_of_checkpoint(args, init_path)),
@@ -250,7 +254,10 @@ def main():
         results["linear_top1"][name] = (feature_probe(args, *encoder_features(args, path))
                                         if args.probe == "features" else probe(args, path, out, sub))
         print(f"linear probe top-1 {name}: {results['linear_top1'][name]:.2f} %", flush=True)
-    results["eval_seconds"] = time.time() - t0
+
+
+def write_results(results, out):
+    """results.json and results.md (the table, also printed) in ``out``."""
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     rows = ["| features | kNN top-1 (%) | linear probe top-1 (%) |", "| --- | --- | --- |"]
@@ -261,9 +268,25 @@ def main():
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(table + "\n")
     print(table)
+
+
+def main():
+    args = get_args_parser().parse_args()
+    check_args(args)
+    out = args.output_dir
+    init_path = save_init(args, out)
+    ckpt, pretrain_s = pretrain(args, out)
+
+    results = {"pretrain_epochs": args.epochs, "pretrain_seconds": pretrain_s, "threads": torch.get_num_threads(),
+               "config": {k: v for k, v in vars(args).items() if k not in ("data_path", "output_dir")},
+               "knn_top1": {}, "linear_top1": {}}
+    print(f"pretraining: {pretrain_s / 60:.1f} min", flush=True)
+    t0 = time.time()
+    evaluate_all(args, results, init_path, ckpt, out)
+    results["eval_seconds"] = time.time() - t0
+    write_results(results, out)
     print(f"pretraining {args.epochs} epochs: {pretrain_s / 60:.1f} min; "
           f"evaluation {results['eval_seconds'] / 60:.1f} min")
-
 
 if __name__ == "__main__":
     main()
