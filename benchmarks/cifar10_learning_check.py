@@ -30,8 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import checkpoints  # noqa: E402
+import engine_for_linprobe  # noqa: E402
 import knn  # noqa: E402
-import main_linprobe  # noqa: E402
 import modeling_bootmae  # noqa: E402
 import pretrained  # noqa: E402
 from benchmarks import cached_probe  # noqa: E402
@@ -102,12 +102,12 @@ def probe_args(args):
 def encoder_features(args, checkpoint):
     """((train features, labels), (test features, labels)) of the frozen encoder, pooled as the probe pools."""
     ns = probe_args(args)
-    model = main_linprobe.build_probe(ns, 10)
-    main_linprobe.load_probe_encoder(model, checkpoint, "model_ema|model")
+    model = engine_for_linprobe.build_probe(ns, 10)
+    engine_for_linprobe.load_probe_encoder(model, checkpoint, "model_ema|model")
     model.eval()
     data = []
     for dataset in eval_sets(args):  # the evaluation transform: no augmentation
-        batches = [(main_linprobe.features(model, x, None), torch.as_tensor(y))
+        batches = [(engine_for_linprobe.features(model, x, None), torch.as_tensor(y))
                    for x, y in knn.build_loader(dataset, 500, 0)]
         data.append((torch.cat([f for f, _ in batches]), torch.cat([y for _, y in batches]).long()))
     return data
@@ -119,11 +119,11 @@ def feature_probe(args, train, test):
     ns = probe_args(args)
     (train_x, train_y), (test_x, test_y) = train, test
     torch.manual_seed(0)
-    head = main_linprobe.probe_head(train_x.shape[1], 10)
-    optimizer = main_linprobe.build_optimizer(head, ns)
+    head = engine_for_linprobe.probe_head(train_x.shape[1], 10)
+    optimizer = engine_for_linprobe.build_optimizer(head, ns)
     generator = torch.Generator().manual_seed(0)
     cached_probe.train_head(head, optimizer, train_x, train_y, args.probe_epochs, PROBE_BATCH, generator,
-                            before_step=lambda progress: main_linprobe.adjust_learning_rate(optimizer, progress, ns))
+                            before_step=lambda progress: engine_for_linprobe.adjust_learning_rate(optimizer, progress, ns))
     return cached_probe.top1(head, test_x, test_y)
 
 

@@ -187,7 +187,7 @@ def test_finetuning_update_freq_2_equals_the_double_batch():
 # linear probing
 
 def head_tensors(optimizer):
-    """The probe's trained tensors, Linear weight then bias (main_linprobe.build_optimizer's two groups)."""
+    """The probe's trained tensors, Linear weight then bias (engine_for_linprobe.build_optimizer's two groups)."""
     return [p.detach().clone() for g in optimizer.param_groups for p in g["params"]]
 
 

@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import checkpoints  # noqa: E402
+import engine_for_linprobe  # noqa: E402
 import main_linprobe  # noqa: E402
 import modeling_bootmae  # noqa: E402
 import utils  # noqa: E402
@@ -84,7 +85,7 @@ def test_lars_is_maes_lars():
     ref = [p.detach().clone() for p in head.parameters()]
     mu = [torch.zeros_like(p) for p in ref]
     args = argparse.Namespace(lr=0.7, weight_decay=0.0, momentum=0.9)
-    opt = main_linprobe.build_optimizer(head, args)
+    opt = engine_for_linprobe.build_optimizer(head, args)
     for _ in range(3):
         grads = [torch.randn_like(p) for p in ref]
         for p, g in zip(head.parameters(), grads):
@@ -107,13 +108,13 @@ def test_encoder_stays_frozen(probe_data):
     main_linprobe.check_args(args)
     args.distributed = False
     from datasets import build_dataset
-    train_set, nb = build_dataset(True, args, transform=main_linprobe.build_train_transform(args))
+    train_set, nb = build_dataset(True, args, transform=engine_for_linprobe.build_train_transform(args))
     loader = torch.utils.data.DataLoader(train_set, batch_size=16, shuffle=True, drop_last=True)
-    model = main_linprobe.build_probe(args, nb)
-    main_linprobe.load_probe_encoder(model, args.finetune, args.model_key)
+    model = engine_for_linprobe.build_probe(args, nb)
+    engine_for_linprobe.load_probe_encoder(model, args.finetune, args.model_key)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    optimizer = main_linprobe.build_optimizer(model.head, args)
-    main_linprobe.train_one_epoch(model, model.head, loader, optimizer, torch.device("cpu"), 0, args, None)
+    optimizer = engine_for_linprobe.build_optimizer(model.head, args)
+    engine_for_linprobe.train_one_epoch(model, model.head, loader, optimizer, torch.device("cpu"), 0, args, None)
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"head.0.running_mean", "head.0.running_var", "head.0.num_batches_tracked",

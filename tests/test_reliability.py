@@ -22,6 +22,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import checkpoints  # noqa: E402
+import engine_for_linprobe  # noqa: E402
 import main_linprobe  # noqa: E402
 import run_class_finetuning  # noqa: E402
 import run_pretraining  # noqa: E402
@@ -288,8 +289,8 @@ def test_new_checkpoints_open_with_plain_torch_load(tmp_path, monkeypatch, capsy
                                                         "--lr", "0.1"])
     os.makedirs(args.output_dir)
     model = torch.nn.Module()
-    model.head = main_linprobe.probe_head(4, 3)
-    main_linprobe.save(args, "checkpoint-last.pth", model, main_linprobe.build_optimizer(model.head, args), 0, 1.0,
+    model.head = engine_for_linprobe.probe_head(4, 3)
+    main_linprobe.save(args, "checkpoint-last.pth", model, engine_for_linprobe.build_optimizer(model.head, args), 0, 1.0,
                        {"acc1": 1.0})
     ckpt = torch.load(os.path.join(args.output_dir, "checkpoint-last.pth"))
     assert ckpt["args"]["finetune"] == "x.pth" and set(ckpt["model"]) >= {"head.1.weight", "head.1.bias"}
