@@ -3,7 +3,9 @@
 ``from_release_state_dict`` / ``to_release_state_dict`` / ``is_release_state_dict`` convert BootMAE state dicts
 from and to the release's names (``modeling_bootmae`` exports them, as README documents);
 ``encoder_state_dict`` reads the encoder of a checkpoint (ours or the release's, pretraining or fine-tuning),
-``load_encoder`` copies it into a model and ``split_qkv_bias`` adapts MAE's and timm's full qkv bias.
+``load_encoder`` copies it into a model and ``split_qkv_bias`` adapts MAE's and timm's full qkv bias;
+``backbone_state_dict`` reads the downstream backbone's tensors (those and OpenMMLab checkpoints' ``backbone.*``)
+and ``report_loading`` says what was transferred.
 """
 import torch
 import torch.nn as nn
@@ -122,6 +124,42 @@ def load_encoder(model, state_dict):
                 unused.append(key)
     missing = [k for k in own if k not in state_dict]
     return loaded, missing, unused
+
+
+def report_loading(path, model_key, loaded, missing, unused):
+    """Lines saying what was transferred: counts, then the names grouped by their first two parts."""
+    def short(keys):
+        groups = []
+        for k in keys:
+            parts = k.split(".")
+            g = ".".join(parts[:2]) if parts[0] in ("blocks", "fpn1", "fpn2") else parts[0]
+            if g not in groups:
+                groups.append(g)
+        return ", ".join(groups) if groups else "none"
+    lines = [f"backbone: loaded {len(loaded)} tensors from {path} (entry '{model_key}')",
+             f"  newly initialised (not in the checkpoint): {short(missing)}"]
+    if unused:
+        lines.append(f"  in the checkpoint but not used: {short(unused)}")
+    return "\n".join(lines)
+
+
+def backbone_state_dict(checkpoint, model_key="model|module"):
+    """Backbone tensors, in ``backbone_vit.ViTPyramid``'s names, from a loaded checkpoint of any of these kinds:
+
+    * a pretraining or fine-tuning checkpoint, ours or the release's (``model``/``model_ema``/``module``, or a
+      bare state dict): its encoder via ``encoder_state_dict`` (decoders, heads and the release's fixed
+      position table dropped; the backbone recomputes the fixed table);
+    * a file written by ``python backbone_vit.py convert`` (the same, under ``model``);
+    * an OpenMMLab checkpoint (``state_dict`` with ``backbone.`` keys, e.g. a trained UperNet or Mask R-CNN):
+      its backbone, pyramid and the release's extras included (``relative_position_index`` is recomputed).
+    """
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        state = checkpoint["state_dict"]
+        out = {k[len("backbone."):]: v for k, v in state.items()
+               if k.startswith("backbone.") and torch.is_tensor(v) and not k.endswith("relative_position_index")}
+        if any(k.startswith("blocks.") for k in out):
+            return out
+    return encoder_state_dict(checkpoint, model_key)
 
 
 def split_qkv_bias(state_dict):
