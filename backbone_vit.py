@@ -172,11 +172,8 @@ class ViTPyramid(VisionTransformer):
         what was loaded. Returns (loaded, not_in_checkpoint, unused) key lists."""
         model_key = model_key or self.model_key
         checkpoint = load_openmmlab_checkpoint(path)
-        try:
-            state = release_format.backbone_state_dict(checkpoint, model_key)
-            loaded, missing, unused = release_format.load_encoder(self, state)
-        except ValueError as e:
-            raise utils.UsageError(f"{path}: {e}") from e
+        loaded, missing, unused = release_format.load_checkpoint_encoder(self, checkpoint, path, model_key,
+                                                                          release_format.backbone_state_dict)
         if not any(k.startswith("blocks.") for k in loaded):
             raise utils.UsageError(f"{path}: no encoder block of the checkpoint fits this backbone")
         if verbose:

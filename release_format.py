@@ -3,13 +3,14 @@
 ``from_release_state_dict`` / ``to_release_state_dict`` / ``is_release_state_dict`` convert BootMAE state dicts
 from and to the release's names (``modeling_bootmae`` exports them, as README documents);
 ``encoder_state_dict`` reads the encoder of a checkpoint (ours or the release's, pretraining or fine-tuning),
-``load_encoder`` copies it into a model and ``split_qkv_bias`` adapts MAE's and timm's full qkv bias;
-``backbone_state_dict`` reads the downstream backbone's tensors (those and OpenMMLab checkpoints' ``backbone.*``)
-and ``report_loading`` says what was transferred.
+``backbone_state_dict`` the downstream backbone's tensors (also OpenMMLab checkpoints' ``backbone.*``);
+``load_encoder`` copies them into a model (``load_checkpoint_encoder``: from a loaded checkpoint),
+``report_loading`` says what was transferred and ``split_qkv_bias`` adapts MAE's and timm's full qkv bias.
 """
 import torch
 import torch.nn as nn
 
+import utils
 from modeling_vit import ENCODER_PREFIXES
 
 # (release prefix, our prefix); the release's block internals already use our names
@@ -124,6 +125,16 @@ def load_encoder(model, state_dict):
                 unused.append(key)
     missing = [k for k in own if k not in state_dict]
     return loaded, missing, unused
+
+
+def load_checkpoint_encoder(model, checkpoint, path, model_key="model", entry=None):
+    """``load_encoder`` of the tensors that ``entry`` (default ``encoder_state_dict``; the backbone passes
+    ``backbone_state_dict``) reads from ``checkpoint``, the loaded file ``path``. A checkpoint without them, or
+    of another size, raises UsageError naming ``path``. Returns (loaded, not_in_checkpoint, unused) key lists."""
+    try:
+        return load_encoder(model, (entry or encoder_state_dict)(checkpoint, model_key))
+    except ValueError as e:
+        raise utils.UsageError(f"{path}: {e}") from e
 
 
 def report_loading(path, model_key, loaded, missing, unused):
