@@ -355,11 +355,7 @@ def load_pretrained_encoder(model, path, model_key="model|module", new=None):
     Bad input (missing file, unreadable file, no encoder tensors, another model size) raises UsageError.
     """
     checkpoint = load_checkpoint(path)
-    try:
-        state = release_format.encoder_state_dict(checkpoint, model_key)
-        loaded, missing, unused = release_format.load_encoder(model, state)
-    except ValueError as e:
-        raise utils.UsageError(f"{path}: {e}") from e
+    loaded, missing, unused = release_format.load_checkpoint_encoder(model, checkpoint, path, model_key)
     utils.print0(f"loaded {len(loaded)} encoder tensors from {path} (entry '{model_key}')")
     utils.print0(f"  newly initialised (not in the checkpoint): {', '.join(missing) or 'none'}")
     if unused:

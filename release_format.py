@@ -3,11 +3,14 @@
 ``from_release_state_dict`` / ``to_release_state_dict`` / ``is_release_state_dict`` convert BootMAE state dicts
 from and to the release's names (``modeling_bootmae`` exports them, as README documents);
 ``encoder_state_dict`` reads the encoder of a checkpoint (ours or the release's, pretraining or fine-tuning),
-``load_encoder`` copies it into a model and ``split_qkv_bias`` adapts MAE's and timm's full qkv bias.
+``backbone_state_dict`` the downstream backbone's tensors (also OpenMMLab checkpoints' ``backbone.*``);
+``load_encoder`` copies them into a model (``load_checkpoint_encoder``: from a loaded checkpoint),
+``report_loading`` says what was transferred and ``split_qkv_bias`` adapts MAE's and timm's full qkv bias.
 """
 import torch
 import torch.nn as nn
 
+import utils
 from modeling_vit import ENCODER_PREFIXES
 
 # (release prefix, our prefix); the release's block internals already use our names
@@ -122,6 +125,52 @@ def load_encoder(model, state_dict):
                 unused.append(key)
     missing = [k for k in own if k not in state_dict]
     return loaded, missing, unused
+
+
+def load_checkpoint_encoder(model, checkpoint, path, model_key="model", entry=None):
+    """``load_encoder`` of the tensors that ``entry`` (default ``encoder_state_dict``; the backbone passes
+    ``backbone_state_dict``) reads from ``checkpoint``, the loaded file ``path``. A checkpoint without them, or
+    of another size, raises UsageError naming ``path``. Returns (loaded, not_in_checkpoint, unused) key lists."""
+    try:
+        return load_encoder(model, (entry or encoder_state_dict)(checkpoint, model_key))
+    except ValueError as e:
+        raise utils.UsageError(f"{path}: {e}") from e
+
+
+def report_loading(path, model_key, loaded, missing, unused):
+    """Lines saying what was transferred: counts, then the names grouped by their first two parts."""
+    def short(keys):
+        groups = []
+        for k in keys:
+            parts = k.split(".")
+            g = ".".join(parts[:2]) if parts[0] in ("blocks", "fpn1", "fpn2") else parts[0]
+            if g not in groups:
+                groups.append(g)
+        return ", ".join(groups) if groups else "none"
+    lines = [f"backbone: loaded {len(loaded)} tensors from {path} (entry '{model_key}')",
+             f"  newly initialised (not in the checkpoint): {short(missing)}"]
+    if unused:
+        lines.append(f"  in the checkpoint but not used: {short(unused)}")
+    return "\n".join(lines)
+
+
+def backbone_state_dict(checkpoint, model_key="model|module"):
+    """Backbone tensors, in ``backbone_vit.ViTPyramid``'s names, from a loaded checkpoint of any of these kinds:
+
+    * a pretraining or fine-tuning checkpoint, ours or the release's (``model``/``model_ema``/``module``, or a
+      bare state dict): its encoder via ``encoder_state_dict`` (decoders, heads and the release's fixed
+      position table dropped; the backbone recomputes the fixed table);
+    * a file written by ``python backbone_vit.py convert`` (the same, under ``model``);
+    * an OpenMMLab checkpoint (``state_dict`` with ``backbone.`` keys, e.g. a trained UperNet or Mask R-CNN):
+      its backbone, pyramid and the release's extras included (``relative_position_index`` is recomputed).
+    """
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        state = checkpoint["state_dict"]
+        out = {k[len("backbone."):]: v for k, v in state.items()
+               if k.startswith("backbone.") and torch.is_tensor(v) and not k.endswith("relative_position_index")}
+        if any(k.startswith("blocks.") for k in out):
+            return out
+    return encoder_state_dict(checkpoint, model_key)
 
 
 def split_qkv_bias(state_dict):

@@ -21,12 +21,13 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import backbone_vit  # noqa: E402
+import openmmlab_glue  # noqa: E402
 
 if __name__ == "__main__":
     script = globals()["SCRIPT"]
     sys.argv[0] = script   # runpy names this file there; the usage line names the shim
-    sys.exit(backbone_vit.openmmlab_main(os.path.splitext(os.path.basename(script))[0]))
+    sys.exit(openmmlab_glue.openmmlab_main(os.path.splitext(os.path.basename(script))[0]))
 else:
     registry = importlib.import_module(globals()["REGISTRY"])
     registry.MODELS.register_module(name="BootMAEViT", module=backbone_vit.ViTPyramid, force=True)
-    backbone_vit.register_mmengine()
+    openmmlab_glue.register_mmengine()

@@ -4,6 +4,9 @@ from pretraining checkpoints (ours and the release's, online and momentum encode
 the release's fine-tuning layout, and weights-only loading of checkpoints with numpy objects."""
 import argparse
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import backbone_vit
+import convert_checkpoint
 import modeling_bootmae
 import utils
 import vit_layers
@@ -19,6 +23,7 @@ from backbone_vit import ViTPyramid, default_out_indices
 from openmmlab_glue import layer_decay_param_groups
 from vit_layers import relative_position_index
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(embed_dim=96, depth=4, num_heads=3)
 
 
@@ -131,8 +136,8 @@ def test_weights_from_pretraining_checkpoint_equal_the_encoder(pretraining_check
 def test_converter_cli_writes_backbone_weights(pretraining_checkpoints, tmp_path, capsys):
     online, ema, ours, _ = pretraining_checkpoints
     out = tmp_path / "backbone.pth"
-    assert backbone_vit.main(["convert", "--checkpoint", str(ours), "--model_key", "model_ema",
-                              "--output", str(out)]) == 0
+    assert convert_checkpoint.main(["convert", "--checkpoint", str(ours), "--model_key", "model_ema",
+                                    "--output", str(out)]) == 0
     text = capsys.readouterr().out
     assert "loaded 55 tensors" in text and "width 96, depth 4, patch 16" in text
     saved = torch.load(out, weights_only=True)
@@ -144,14 +149,26 @@ def test_converter_cli_writes_backbone_weights(pretraining_checkpoints, tmp_path
 
 
 def test_converter_errors_are_one_line(tmp_path, capsys):
-    assert backbone_vit.main(["convert", "--checkpoint", str(tmp_path / "nope.pth"), "--output",
-                              str(tmp_path / "o.pth")]) == 2
+    assert convert_checkpoint.main(["convert", "--checkpoint", str(tmp_path / "nope.pth"), "--output",
+                                    str(tmp_path / "o.pth")]) == 2
     assert "does not exist" in capsys.readouterr().err
     torch.save({"model": {"head.weight": torch.zeros(2)}}, tmp_path / "bad.pth")
-    assert backbone_vit.main(["convert", "--checkpoint", str(tmp_path / "bad.pth"), "--output",
-                              str(tmp_path / "o.pth")]) == 2
+    assert convert_checkpoint.main(["convert", "--checkpoint", str(tmp_path / "bad.pth"), "--output",
+                                    str(tmp_path / "o.pth")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no encoder tensors" in err and len(err.strip().splitlines()) == 1
+
+
+def test_backbone_vit_runs_the_converter_command_line(pretraining_checkpoints, tmp_path):
+    """README's `python backbone_vit.py convert ...` writes what convert_checkpoint's command line writes."""
+    _, _, ours, _ = pretraining_checkpoints
+    proc = subprocess.run([sys.executable, "backbone_vit.py", "convert", "--checkpoint", str(ours), "--output",
+                           str(tmp_path / "script.pth")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert convert_checkpoint.main(["convert", "--checkpoint", str(ours), "--output", str(tmp_path / "main.pth")]) == 0
+    script, main = (torch.load(tmp_path / name, weights_only=True) for name in ("script.pth", "main.pth"))
+    assert script["meta"] == main["meta"] and set(script["model"]) == set(main["model"])
+    assert all(torch.equal(v, main["model"][k]) for k, v in script["model"].items())
 
 
 def test_wrong_size_is_a_usage_error(pretraining_checkpoints):
@@ -271,7 +288,7 @@ def test_release_upernet_conversion(tmp_path, capsys):
     torch.save({"meta": {"iter": 160000, "CLASSES": ("wall",), "PALETTE": [[1, 2, 3]]}, "state_dict": state,
                 "optimizer": {"state": {}}}, src)
     out = tmp_path / "converted.pth"
-    assert backbone_vit.main(["convert-release-upernet", "--checkpoint", str(src), "--output", str(out)]) == 0
+    assert convert_checkpoint.main(["convert-release-upernet", "--checkpoint", str(src), "--output", str(out)]) == 0
     assert "heads: auxiliary_head, decode_head" in capsys.readouterr().out
     saved = torch.load(out, weights_only=True)
     assert not any(k.endswith("relative_position_index") for k in saved["state_dict"])

@@ -23,7 +23,7 @@ except ImportError as e:
                 f"enable with: bash setup_openmmlab.sh", allow_module_level=True)
 
 import backbone_vit
-from tiny_coco import write_tiny_coco
+from tiny_coco import write_tiny_ade20k, write_tiny_coco
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEG_CFG = os.path.join(ROOT, "semantic_segmentation/configs/upernet_bootmae_base_512_160k_ade20k.py")
@@ -73,6 +73,14 @@ def build(cfg, scope):
     return model, optim_wrapper
 
 
+def build_from_seed(cfg, scope):
+    """``build`` after seeding torch with 0; the model's backbone is this repository's."""
+    torch.manual_seed(0)
+    model, optim_wrapper = build(cfg, scope)
+    assert type(model.backbone) is backbone_vit.ViTPyramid
+    return model, optim_wrapper
+
+
 def group_lr(optim_wrapper, model, name):
     param = dict(model.named_parameters())[name]
     return next(g["lr"] for g in optim_wrapper.optimizer.param_groups if any(p is param for p in g["params"]))
@@ -99,9 +107,7 @@ def seg_batch(sizes, seed=0):
 
 
 def test_upernet_from_config_trains_and_predicts():
-    torch.manual_seed(0)
-    model, optim_wrapper = build(tiny_seg_cfg(), "mmseg")
-    assert type(model.backbone) is backbone_vit.ViTPyramid
+    model, optim_wrapper = build_from_seed(tiny_seg_cfg(), "mmseg")
     # layer decay inside mmengine: block b gets 0.65 ** (L + 1 - (b + 1)), heads the base lr
     base = 4e-4
     assert group_lr(optim_wrapper, model, "backbone.blocks.0.attn.qkv.weight") == pytest.approx(base * 0.65 ** 4)
@@ -185,16 +191,9 @@ def test_seg_entry_points_train_resume_and_test(tmp_path, capsys):
     """train.py for 2 iterations on a 2-image ADE20K-shaped folder, from a pretraining checkpoint; test.py on
     the checkpoint it wrote, which holds mmengine's message hub (HistoryBuffer, numpy) and loads weights-only."""
     import argparse
-    import cv2
     import modeling_bootmae
     root = tmp_path / "ade"
-    for split in ("training", "validation"):
-        (root / "images" / split).mkdir(parents=True)
-        (root / "annotations" / split).mkdir(parents=True)
-        for i in range(2):
-            rng = np.random.default_rng(i)
-            cv2.imwrite(str(root / "images" / split / f"img{i}.jpg"), rng.integers(0, 255, (72, 96, 3), dtype=np.uint8))
-            cv2.imwrite(str(root / "annotations" / split / f"img{i}.png"), rng.integers(0, 151, (72, 96), dtype=np.uint8))
+    write_tiny_ade20k(root)
     pre = tmp_path / "pre.pth"
     enc = modeling_bootmae.BootMAE(img_size=32, decoder_dim=32, decoder_depth=1, embed_dim=96, depth=4, num_heads=3)
     torch.save({"model": enc.state_dict(), "args": argparse.Namespace()}, pre)
@@ -282,9 +281,7 @@ def det_batch(h=128, w=96, seed=0):
 
 
 def test_mask_rcnn_from_config_trains_and_predicts():
-    torch.manual_seed(0)
-    model, optim_wrapper = build(tiny_det_cfg(), "mmdet")
-    assert type(model.backbone) is backbone_vit.ViTPyramid
+    model, optim_wrapper = build_from_seed(tiny_det_cfg(), "mmdet")
     base = 4e-4
     assert group_lr(optim_wrapper, model, "backbone.blocks.0.attn.qkv.weight") == pytest.approx(base * 0.75 ** 4)
     assert group_lr(optim_wrapper, model, "backbone.patch_embed.proj.weight") == pytest.approx(base * 0.75 ** 5)

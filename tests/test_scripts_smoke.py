@@ -41,7 +41,7 @@ import main_linprobe  # noqa: E402
 import run_class_finetuning  # noqa: E402
 import run_pretraining  # noqa: E402
 import utils  # noqa: E402
-from tiny_coco import write_tiny_coco  # noqa: E402
+from tiny_coco import write_tiny_ade20k, write_tiny_coco  # noqa: E402
 
 ENTRY_POINTS = {"run_pretraining.py": run_pretraining, "run_class_finetuning.py": run_class_finetuning,
                 "main_linprobe.py": main_linprobe}
@@ -447,17 +447,8 @@ def _run_launcher(script, *args):
 
 
 def test_segmentation_launchers_run(openmmlab, pretrained, tmp_path):
-    import cv2
     root = tmp_path / "ade"
-    for split in ("training", "validation"):
-        (root / "images" / split).mkdir(parents=True)
-        (root / "annotations" / split).mkdir(parents=True)
-        for i in range(2):
-            rng = np.random.default_rng(i)
-            cv2.imwrite(str(root / "images" / split / f"img{i}.jpg"),
-                        rng.integers(0, 255, (72, 96, 3), dtype=np.uint8))
-            cv2.imwrite(str(root / "annotations" / split / f"img{i}.png"),
-                        rng.integers(0, 151, (72, 96), dtype=np.uint8))
+    write_tiny_ade20k(root)
     # the pretraining script's bootmae_tiny encoder (192 wide, 12 blocks, 3 heads) at 64 px
     tiny = NO_WORKERS + [
         "model.backbone.embed_dim=192", "model.backbone.num_heads=3", "model.backbone.img_size=64",
