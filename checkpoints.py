@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import time
 
 import numpy as np
 import torch
@@ -123,6 +124,29 @@ def remove_stale_temporaries(output_dir):
             size = os.path.getsize(path)
             os.remove(path)
             utils.print0(f"removed {path} ({size / 2**20:.1f} MiB), a checkpoint an interrupted run did not finish")
+
+
+def run_epochs(args, start_epoch, sampler, log_writer, run_epoch, summary=None):
+    """Epochs ``start_epoch``..args.epochs - 1: each reseeds every generator (args.seed + 1000003 x epoch + rank)
+    and ``sampler``, then ``run_epoch(epoch)`` trains and evaluates and returns (the epoch's log.txt record, a
+    function that writes its checkpoints). The record is appended first, then the checkpoints are written: a run
+    killed before checkpoint-last.pth moves on repeats the epoch, and its first record replaces the one left
+    behind (append_log). The TensorBoard writer is flushed after each epoch and closed at the end;
+    the closing line "training time ..." ends with ``summary()`` when given."""
+    rank = utils.get_rank()
+    utils.print0(f"training epochs {start_epoch}..{args.epochs - 1}")
+    start_time = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        utils.seed_everything(args.seed + 1000003 * epoch + rank)
+        sampler.set_epoch(epoch)
+        record, save_checkpoints = run_epoch(epoch)
+        append_log(args.output_dir, record)
+        save_checkpoints()
+        if log_writer is not None:
+            log_writer.flush()
+    if log_writer is not None:
+        log_writer.close()
+    utils.print0(f"training time {utils.format_seconds(time.time() - start_time)}" + (summary() if summary else ""))
 
 
 def _numpy_scalar_types():

@@ -1,6 +1,5 @@
-"""One fine-tuning epoch (plain DDP + autocast, or a DeepSpeed engine), top-1/top-5 evaluation (of a checkpoint
-with --eval, of the model and its EMA after each epoch) and the epoch loop of the supervised entry points
-(fine-tuning, linear probing: ``run_epochs``)."""
+"""One fine-tuning epoch (plain DDP + autocast, or a DeepSpeed engine) and top-1/top-5 evaluation (of a checkpoint
+with --eval, of the model and its EMA after each epoch)."""
 import contextlib
 import json
 import time
@@ -9,7 +8,6 @@ import torch
 import torch.nn as nn
 from timm.utils import accuracy
 
-import checkpoints
 import utils
 from optim_factory import optimizer_step, set_schedules
 from finetune_deepspeed import deepspeed_step
@@ -180,26 +178,3 @@ def evaluate_checkpoint(args, val_loader, model, model_ema, device, eval_amp, ds
                  + (f"  (EMA: Acc@1 {results['ema_acc1']:.3f})" if "ema_acc1" in results else ""))
     utils.print0("eval: " + json.dumps(results))
     return results
-
-
-def run_epochs(args, start_epoch, sampler, log_writer, run_epoch, summary=None):
-    """Epochs ``start_epoch``..args.epochs - 1: each reseeds every generator (args.seed + 1000003 x epoch + rank)
-    and ``sampler``, then ``run_epoch(epoch)`` trains and evaluates and returns (the epoch's log.txt record, a
-    function that writes its checkpoints). The record is appended first, then the checkpoints are written: a run
-    killed before checkpoint-last.pth moves on repeats the epoch, and its first record replaces the one left
-    behind (checkpoints.append_log). The TensorBoard writer is flushed after each epoch and closed at the end;
-    the closing line "training time ..." ends with ``summary()`` when given."""
-    rank = utils.get_rank()
-    utils.print0(f"training epochs {start_epoch}..{args.epochs - 1}")
-    start_time = time.time()
-    for epoch in range(start_epoch, args.epochs):
-        utils.seed_everything(args.seed + 1000003 * epoch + rank)
-        sampler.set_epoch(epoch)
-        record, save_checkpoints = run_epoch(epoch)
-        checkpoints.append_log(args.output_dir, record)
-        save_checkpoints()
-        if log_writer is not None:
-            log_writer.flush()
-    if log_writer is not None:
-        log_writer.close()
-    utils.print0(f"training time {utils.format_seconds(time.time() - start_time)}" + (summary() if summary else ""))

@@ -26,7 +26,6 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import checkpoints
-import engine_for_finetuning
 import modeling_bootmae
 import utils
 from datasets import build_dataset, build_eval_transform
@@ -239,7 +238,7 @@ def resume_head(args, model, optimizer, ckpt, resume_path):
 
 
 def train(args, model, optimizer, loaders, start_epoch, max_accuracy, n_parameters, device, amp_dtype):
-    """Epochs ``start_epoch``.. of the head (``engine_for_finetuning.run_epochs``): train, evaluate, log.txt record,
+    """Epochs ``start_epoch``.. of the head (``checkpoints.run_epochs``): train, evaluate, log.txt record,
     checkpoint-best.pth when top-1 improves and checkpoint-last.pth. Returns the last epoch's test statistics
     (None when no epoch is left)."""
     train_loader, val_loader = loaders
@@ -275,8 +274,8 @@ def train(args, model, optimizer, loaders, start_epoch, max_accuracy, n_paramete
                 save(args, name, model, optimizer, epoch, best["acc1"], stats)
         return record, save_checkpoints
 
-    engine_for_finetuning.run_epochs(args, start_epoch, train_loader.sampler, log_writer, run_epoch,
-                                     summary=lambda: f", best top-1 {best['acc1']:.2f} %")
+    checkpoints.run_epochs(args, start_epoch, train_loader.sampler, log_writer, run_epoch,
+                           summary=lambda: f", best top-1 {best['acc1']:.2f} %")
     return best["stats"]
 
 

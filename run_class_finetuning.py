@@ -28,7 +28,7 @@ import finetune_deepspeed
 import modeling_bootmae
 import utils
 from checkpoints import load_classifier, load_classifier_resume, load_optimizer_state, load_pretrained_encoder
-from engine_for_finetuning import evaluate_checkpoint, evaluate_epoch, run_epochs, train_one_epoch
+from engine_for_finetuning import evaluate_checkpoint, evaluate_epoch, train_one_epoch
 from optim_factory import adamw, finetune_param_groups
 
 # the classifiers registered by modeling_bootmae, by size
@@ -475,7 +475,7 @@ def main(args):
         return record, lambda: save_checkpoints(args, epoch, model_without_ddp, optimizer, loss_scaler, model_ema,
                                                 best, is_best, engine)
 
-    run_epochs(args, start_epoch, train_loader.sampler, log_writer, run_epoch)
+    checkpoints.run_epochs(args, start_epoch, train_loader.sampler, log_writer, run_epoch)
     return best
 
 def cli():

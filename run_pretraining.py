@@ -106,7 +106,7 @@ def main(args):
     utils.print0("args: " + json.dumps({k: v for k, v in vars(args).items()}, default=str))
 
     dataset, sampler, loader = build_data(args, device)
-    world, rank = utils.get_world_size(), utils.get_rank()
+    world = utils.get_world_size()
 
     # model
     model = build_model(args)
@@ -127,12 +127,10 @@ def main(args):
     log_writer = (utils.LazySummaryWriter(args.log_dir or args.output_dir)
                   if utils.is_main_process() and args.output_dir else None)
 
-    utils.print0(f"training epochs {start_epoch}..{args.epochs - 1}")
     start_time = time.time()
-    step_times, record = [], None
-    for epoch in range(start_epoch, args.epochs):
-        utils.seed_everything(args.seed + 1000003 * epoch + rank)
-        sampler.set_epoch(epoch)
+    step_times, last = [], {}
+
+    def run_epoch(epoch):
         stats = train_one_epoch(model_ddp, targets, loader, optimizer, loss_scaler, device, epoch,
                                 lr_schedule, wd_schedule, args, log_writer, amp_dtype)
         # log.txt's records are reproduced exactly by a resumed run, except the WALL_CLOCK_STATS (images/s, data wait)
@@ -142,29 +140,32 @@ def main(args):
         record = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
         if knn_monitor is not None:
             record.update(knn_monitor(epoch, model, momentum_encoder, log_writer))
-        # the epoch's record, then its checkpoints: a run killed before checkpoint-last.pth moves on repeats
-        # the epoch, and its first record replaces the one left behind (checkpoints.append_log)
-        checkpoints.append_log(args.output_dir, record)
-        save_checkpoint(args, epoch, model, targets, optimizer, loss_scaler)
-        summary = (f"epoch {epoch} done: loss {stats['loss']:.4f} (pixel {stats['pixel_loss']:.4f}, feature "
-                   f"{stats['feature_loss']:.4f}) averaged over {world} process(es)")
-        if args.log_all_ranks:
-            print(f"[rank {rank}] {summary}", flush=True)
-        else:
-            utils.print0(summary)
-        if utils.is_main_process() and args.output_dir and (keeps_numbered_checkpoint(args, epoch)
-                                                             or epoch + 1 == args.epochs):
-            # the same crops and masks every time: a seed that no epoch uses (each epoch reseeds at its start)
-            utils.seed_everything(args.seed - 1)
-            save_reconstruction(args, model, dataset, device, os.path.join(args.output_dir, "reconstruction.png"),
-                                log_writer, epoch)
-        if log_writer is not None:
-            log_writer.flush()
-    if log_writer is not None:
-        log_writer.close()
-    utils.print0(f"training time {utils.format_seconds(time.time() - start_time)}")
-    if args.metrics_json and utils.is_main_process() and record is not None:
-        write_metrics(args.metrics_json, record, step_times, time.time() - start_time, model)
+        last["record"] = record
+        return record, lambda: save_epoch(args, epoch, stats, model, targets, optimizer, loss_scaler, dataset, device,
+                                          log_writer)
+
+    # each epoch: train, its log.txt record, then its checkpoints (checkpoints.run_epochs)
+    checkpoints.run_epochs(args, start_epoch, sampler, log_writer, run_epoch)
+    if args.metrics_json and utils.is_main_process() and last:
+        write_metrics(args.metrics_json, last["record"], step_times, time.time() - start_time, model)
+
+
+def save_epoch(args, epoch, stats, model, targets, optimizer, loss_scaler, dataset, device, log_writer):
+    """The epoch's checkpoints, its summary line and, at numbered checkpoints and the end, the reconstruction grid."""
+    save_checkpoint(args, epoch, model, targets, optimizer, loss_scaler)
+    world, rank = utils.get_world_size(), utils.get_rank()
+    summary = (f"epoch {epoch} done: loss {stats['loss']:.4f} (pixel {stats['pixel_loss']:.4f}, feature "
+               f"{stats['feature_loss']:.4f}) averaged over {world} process(es)")
+    if args.log_all_ranks:
+        print(f"[rank {rank}] {summary}", flush=True)
+    else:
+        utils.print0(summary)
+    if utils.is_main_process() and args.output_dir and (keeps_numbered_checkpoint(args, epoch)
+                                                         or epoch + 1 == args.epochs):
+        # the same crops and masks every time: a seed that no epoch uses (each epoch reseeds at its start)
+        utils.seed_everything(args.seed - 1)
+        save_reconstruction(args, model, dataset, device, os.path.join(args.output_dir, "reconstruction.png"),
+                            log_writer, epoch)
 
 
 def cli():
