@@ -10,6 +10,9 @@ for kNN / linear-probe tooling.
 The augmentation (``DataAugmentationForBootMAE``) and the input pipelines that apply it (``--data_pipeline``)
 are in pipelines.py; ``build_pretraining_loader`` builds the DataLoader of each.
 
+The functions read their settings from an entry point's parsed arguments or from a ``PretrainDataConfig``
+(pretraining) or ``EvalDataConfig`` (labelled data), which hold the same fields with the parsers' defaults.
+
 Data sets (``args.data_set``):
 
 * ``image_folder`` (default): ImageNet layout, ``<data_path>/train/<class>/<img>``
@@ -28,10 +31,12 @@ PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is deliberately left at its default
 and the model would silently train on a damaged picture; with it off, the file
 raises, is reported by name and is skipped.
 """
+import dataclasses
 import importlib.util
 import os
 import struct
 import warnings
+from typing import Optional
 
 import numpy as np
 import torch
@@ -43,8 +48,8 @@ from torchvision import datasets as tv_datasets
 from torchvision import transforms
 
 from pipelines import (DATA_PIPELINES, DataAugmentationForBootMAE, DeviceBatches, JpegAugmentationForBootMAE,
-                       UInt8AugmentationForBootMAE, check_gpu_pipeline, collate_jpeg, jpeg_bytes_loader, mean_std,
-                       one_line, pil_rgb_loader, tensor_rgb_loader)
+                       PretrainDataConfig, UInt8AugmentationForBootMAE, check_gpu_pipeline, collate_jpeg,
+                       jpeg_bytes_loader, mean_std, one_line, pil_rgb_loader, tensor_rgb_loader)
 from utils import UsageError
 
 DATA_SETS = ("image_folder", "cifar10", "cifar100", "npz", "demo")
@@ -62,26 +67,9 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Imag
 # Real photographs shipped inside scikit-image's wheel (skimage/data).  Left out:
 # synthetic or drawn images (chessboard, color wheel, logo, horse silhouette,
 # phantom, text and page scans) that would teach nothing about natural images.
-DEMO_PHOTOS = (
-    "astronaut.png",
-    "brick.png",
-    "camera.png",
-    "cell.png",
-    "chelsea.png",
-    "clock_motion.png",
-    "coffee.png",
-    "coins.png",
-    "grass.png",
-    "gravel.png",
-    "hubble_deep_field.jpg",
-    "ihc.png",
-    "microaneurysms.png",
-    "moon.png",
-    "motorcycle_left.png",
-    "motorcycle_right.png",
-    "retina.jpg",
-    "rocket.jpg",
-)
+DEMO_PHOTOS = ("astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "clock_motion.png", "coffee.png",
+               "coins.png", "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png", "microaneurysms.png",
+               "moon.png", "motorcycle_left.png", "motorcycle_right.png", "retina.jpg", "rocket.jpg")
 # Photos are cropped at least 20% of their area, so a short side of 512 px keeps
 # enough detail for 224 crops while making every crop cheap.
 DEMO_MAX_SHORT_SIDE = 512
@@ -289,14 +277,15 @@ def _build_cifar(name, data_path, transform):
 
 
 def build_pretraining_dataset(args):
-    """Dataset of ``(img, mask)`` items for ``args.data_set`` (see the module docstring)."""
-    data_set = getattr(args, "data_set", "image_folder") or "image_folder"
+    """Dataset of ``(img, mask)`` items for ``args.data_set`` (see the module docstring); ``args``:
+    run_pretraining.py's arguments or a ``PretrainDataConfig``."""
+    data_set = args.data_set
     if data_set not in DATA_SETS:
         raise UsageError(f"--data_set {data_set} is not supported; choose one of {', '.join(DATA_SETS)}")
-    if getattr(args, "data_pipeline", "pil") == "gpu":
+    if args.data_pipeline == "gpu":
         check_gpu_pipeline(args)
     transform = DataAugmentationForBootMAE(args)
-    data_path = getattr(args, "data_path", None)
+    data_path = args.data_path
     if data_set == "image_folder":
         return _build_image_folder(data_path, transform)
     if data_set in _CIFAR:
@@ -306,7 +295,7 @@ def build_pretraining_dataset(args):
         if not os.path.isfile(path):
             raise UsageError(f"--data_set npz expects {path}; give --data_path the folder holding train.npz")
         return LabelDroppedDataset(NpzImages(path, transform))
-    return DemoImages(transform, size=getattr(args, "demo_size", 2048))
+    return DemoImages(transform, size=args.demo_size)
 
 
 def with_transform(dataset, transform, loader=None):
@@ -331,7 +320,7 @@ def build_pretraining_loader(args, dataset, sampler, device):
     ``args.num_workers`` workers, pinned memory on CUDA with ``args.pin_mem``. Workers are not persistent: every
     epoch starts fresh workers seeded from the training loop's per-epoch seed, which keeps a resumed run exact.
     (``gpu`` decodes on ``device``; ``build_pretraining_dataset`` has refused it without CUDA.)"""
-    pipeline = getattr(args, "data_pipeline", "pil") or "pil"
+    pipeline = args.data_pipeline
     if pipeline not in DATA_PIPELINES:
         raise UsageError(f"--data_pipeline {pipeline} is not supported; choose one of {', '.join(DATA_PIPELINES)}")
     workers = args.num_workers
@@ -354,6 +343,19 @@ def build_pretraining_loader(args, dataset, sampler, device):
 # labelled data sets for fine-tuning, linear probing and kNN evaluation
 
 EVAL_DATA_SETS = ("image_folder", "cifar10", "cifar100", "npz", "demo")
+
+
+@dataclasses.dataclass
+class EvalDataConfig:
+    """What ``build_dataset`` and ``build_eval_transform`` read: the flags of the same names of
+    run_class_finetuning.py, main_linprobe.py and eval_knn.py (whose parsed arguments carry them all), with
+    their defaults (eval_knn.py's --demo_size is 256). A caller without those arguments builds one."""
+    data_set: str = "image_folder"
+    data_path: Optional[str] = None
+    demo_size: int = 2048                      # items per split of --data_set demo
+    input_size: int = 224
+    crop_pct: Optional[float] = None           # None: 224/256 below 384 px, else 1
+    imagenet_default_mean_and_std: bool = False
 
 
 class NpzImages(Dataset):
@@ -388,7 +390,7 @@ class LabelledDemoImages(DemoImages):
 def build_eval_transform(args):
     """Resize (short side input_size / crop_pct, bicubic) + centre crop + normalise, as BEiT evaluates."""
     size = args.input_size
-    crop_pct = getattr(args, "crop_pct", None) or (224 / 256 if size < 384 else 1.0)
+    crop_pct = args.crop_pct or (224 / 256 if size < 384 else 1.0)
     mean, std = mean_std(args)
     return transforms.Compose([
         transforms.Resize(int(size / crop_pct), interpolation=transforms.InterpolationMode.BICUBIC),
@@ -454,13 +456,14 @@ def build_dataset(is_train, args, transform=None):
     npz           ``data_path/train.npz`` / ``data_path/test.npz`` (arrays ``images``, ``labels``)
     demo          the bundled photos, labelled by photo (train and val draw different random crops)
 
-    ``transform`` defaults to the evaluation transform. Returns (dataset, number of classes).
+    ``args``: an entry point's arguments or an ``EvalDataConfig``; ``transform`` defaults to the evaluation
+    transform. Returns (dataset, number of classes).
     """
-    data_set = getattr(args, "data_set", "image_folder") or "image_folder"
+    data_set = args.data_set
     if data_set not in EVAL_DATA_SETS:
         raise UsageError(f"--data_set {data_set} is not supported here; choose one of {', '.join(EVAL_DATA_SETS)}")
     transform = transform if transform is not None else build_eval_transform(args)
-    data_path = getattr(args, "data_path", None)
+    data_path = args.data_path
     split = "train" if is_train else "val"
     if data_set == "image_folder":
         _check_data_path(data_path)
@@ -488,5 +491,5 @@ def build_dataset(is_train, args, transform=None):
                              f"and test.npz")
         dataset = NpzImages(path, transform)
         return dataset, max(dataset.targets) + 1
-    dataset = LabelledDemoImages(transform, size=getattr(args, "demo_size", 2048))
+    dataset = LabelledDemoImages(transform, size=args.demo_size)
     return dataset, len(dataset.classes)

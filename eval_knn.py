@@ -48,7 +48,7 @@ def get_args_parser():
     p.add_argument("--num_workers", default=10, type=int)
     p.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
                    help="autocast for the encoder (default: bf16 on CUDA, none on CPU)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=utils.default_device())
     p.add_argument("--output_dir", default="", help="if set, the result is appended to output_dir/log.txt")
     p.add_argument("--local_rank", "--local-rank", default=-1, type=int,
                    help="set by torch.distributed.launch; LOCAL_RANK from the environment is what is used")

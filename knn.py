@@ -11,7 +11,6 @@ final norm (a pretraining model has no ``fc_norm``); ``cls`` is the normed cls t
 ``knn_accuracy`` is correct for any world size: each rank embeds the items of its ``utils.ShardSampler``
 shard and the shards are all-gathered, so every rank ends with all features in dataset order.
 """
-import argparse
 import contextlib
 import math
 
@@ -170,17 +169,17 @@ class KnnMonitor:
     def from_args(cls, args, device, amp_dtype=None):
         if args.knn_freq < 0 or args.knn_k < 1 or args.knn_temperature <= 0:
             raise utils.UsageError("--knn_freq must be >= 0, --knn_k >= 1 and --knn_temperature positive")
-        crop_pct = getattr(args, "knn_crop_pct", None)
+        crop_pct = args.knn_crop_pct
         if crop_pct is not None and not 0 < crop_pct <= 1:
             raise utils.UsageError(f"--knn_crop_pct {crop_pct} is not a fraction; give a value in (0, 1] or leave it "
                                    f"out for 224/256")
         if args.knn_freq == 0:
             return None
-        from datasets import build_dataset
-        data_args = argparse.Namespace(
+        from datasets import EvalDataConfig, build_dataset
+        data_args = EvalDataConfig(
             data_set=args.knn_data_set, data_path=args.knn_data_path, input_size=args.input_size,
-            imagenet_default_mean_and_std=getattr(args, "imagenet_default_mean_and_std", False),
-            demo_size=getattr(args, "demo_size", 256), crop_pct=getattr(args, "knn_crop_pct", None))
+            imagenet_default_mean_and_std=args.imagenet_default_mean_and_std, demo_size=args.demo_size,
+            crop_pct=crop_pct)
         try:
             train_set, _ = build_dataset(True, data_args)
             val_set, _ = build_dataset(False, data_args)

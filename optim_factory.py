@@ -61,10 +61,11 @@ def adamw(groups, lr, betas=(0.9, 0.999), eps=1e-8, fused=True):
 
 
 def create_optimizer(args, model, skip_list=None, betas=(0.9, 0.95), **group_kwargs):
-    """AdamW over ``param_groups``; betas (0.9, 0.95) as the release hard-wires for pretraining."""
+    """AdamW over ``param_groups`` with run_pretraining.py's ``args.lr``, ``args.weight_decay`` and
+    ``args.fused_adamw``; betas (0.9, 0.95) as the release hard-wires for pretraining, eps adamw's 1e-8."""
     skip = set(skip_list if skip_list is not None else getattr(model, "no_weight_decay", set)())
     groups = param_groups(model, args.weight_decay, skip, **group_kwargs)
-    return adamw(groups, args.lr, betas, getattr(args, "opt_eps", 1e-8), getattr(args, "fused_adamw", True))
+    return adamw(groups, args.lr, betas, fused=args.fused_adamw)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -14,8 +14,13 @@ In every pipeline crop box, flip and mask come from the same calls on the same w
 all of them crop, flip and mask alike (and a resumed run stays exact).
 
 ``DataAugmentationForBootMAE`` is the pil pipeline's transform; ``datasets.build_pretraining_loader`` builds
-the DataLoader of each pipeline over ``datasets.build_pretraining_dataset``'s images.
+the DataLoader of each pipeline over ``datasets.build_pretraining_dataset``'s images. All of them read their
+settings from run_pretraining.py's parsed arguments or from a ``PretrainDataConfig``, which holds the same
+fields with the same defaults.
 """
+import dataclasses
+from typing import Optional
+
 import numpy as np
 import torch
 from PIL import Image
@@ -24,7 +29,7 @@ from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
 import masking_generator
-from utils import UsageError
+from utils import UsageError, default_device
 
 
 BOOTMAE_MEAN = (0.5, 0.5, 0.5)
@@ -39,25 +44,60 @@ IMAGENET_MEAN = tuple(IMAGENET_DEFAULT_MEAN)
 IMAGENET_STD = tuple(IMAGENET_DEFAULT_STD)
 
 
+# The release's masks at 224 px with 16 px patches: 147 of the 196 patches masked, up to 120 of them in blocks
+RELEASE_NUM_PATCHES, RELEASE_MASK_NUM, RELEASE_BLOCK_BUDGET = 196, 147, 120
+
+
+def release_mask_counts(num_patches):
+    """(masked patches, block budget) of the release's masks scaled to a grid of ``num_patches`` patches."""
+    return (int(round(num_patches * RELEASE_MASK_NUM / RELEASE_NUM_PATCHES)),
+            int(round(num_patches * RELEASE_BLOCK_BUDGET / RELEASE_NUM_PATCHES)))
+
+
+@dataclasses.dataclass
+class PretrainDataConfig:
+    """What the pretraining data functions read (``datasets.build_pretraining_dataset`` and
+    ``build_pretraining_loader``, the augmentations and ``check_gpu_pipeline`` here): run_pretraining.py's flags
+    of the same names, with its defaults. run_pretraining.py passes its parsed arguments, which carry all of
+    them; a caller without them (a benchmark, a test, a notebook) builds one and sets what it changes."""
+    data_set: str = "image_folder"
+    data_path: Optional[str] = None
+    demo_size: int = 2048                        # items per epoch of --data_set demo
+    data_pipeline: str = "pil"
+    device: str = dataclasses.field(default_factory=default_device)   # where --data_pipeline gpu decodes
+    batch_size: int = 256
+    num_workers: int = 10
+    pin_mem: bool = True
+    input_size: int = 224
+    patch_size: int = 16                         # run_pretraining.py: the model's, 16 for its default model
+    min_crop_scale: float = 0.2
+    imagenet_default_mean_and_std: bool = False
+    mask_type: str = "release"
+    mask_num: Optional[int] = None               # None: release_mask_counts (147 at 224 px, the flag's default)
+    num_mask_patches: Optional[int] = None       # None: release_mask_counts (120 at 224 px, the flag's default)
+    min_mask_patches_per_block: int = 16
+    max_mask_patches_per_block: int = 60
+
+
 def mean_std(args):
     """The release normalises with 0.5 / 0.5; ``--imagenet_default_mean_and_std`` switches to ImageNet's."""
-    if getattr(args, "imagenet_default_mean_and_std", False):
+    if args.imagenet_default_mean_and_std:
         return IMAGENET_MEAN, IMAGENET_STD
     return BOOTMAE_MEAN, BOOTMAE_STD
 
 
 class DataAugmentationForBootMAE:
-    """Random-resized-crop + flip + normalise, plus a freshly drawn patch mask."""
+    """Random-resized-crop + flip + normalise, plus a freshly drawn patch mask; ``args``: run_pretraining.py's
+    arguments or a ``PretrainDataConfig``."""
 
     def __init__(self, args):
-        input_size = getattr(args, "input_size", 224)
-        patch_size = getattr(args, "patch_size", 16)
+        input_size, patch_size = args.input_size, args.patch_size
         if input_size % patch_size != 0:
             raise UsageError(
                 f"--input_size {input_size} is not a multiple of --patch_size {patch_size}; "
                 f"choose sizes such that input_size / patch_size is an integer"
             )
-        min_scale = getattr(args, "min_crop_scale", 0.2)
+        min_scale = args.min_crop_scale
         if not 0 < min_scale <= 1:
             raise UsageError(f"--min_crop_scale {min_scale} is not a fraction of the image area; "
                              f"give a value in (0, 1]")
@@ -71,23 +111,19 @@ class DataAugmentationForBootMAE:
 
         grid = input_size // patch_size
         num_patches = grid * grid
-        # Missing fields fall back to the release's settings (147 masked of 196
-        # patches, block budget 120, blocks of 16..60 patches), scaled to the grid.
-        mask_num = getattr(args, "mask_num", None)
-        if mask_num is None:
-            mask_num = int(round(num_patches * 147 / 196))
-        num_block_patches = getattr(args, "num_mask_patches", None)
-        if num_block_patches is None:
-            num_block_patches = int(round(num_patches * 120 / 196))
+        # unset counts (None) are the release's, scaled to the grid
+        release_mask_num, release_budget = release_mask_counts(num_patches)
+        mask_num = release_mask_num if args.mask_num is None else args.mask_num
+        num_block_patches = release_budget if args.num_mask_patches is None else args.num_mask_patches
         self.num_patches = num_patches
         try:
             self.masked_position_generator = masking_generator.build_masking_generator(
-                getattr(args, "mask_type", "release"),
+                args.mask_type,
                 (grid, grid),
                 int(mask_num),
                 num_block_patches,
-                getattr(args, "min_mask_patches_per_block", 16),
-                getattr(args, "max_mask_patches_per_block", 60),
+                args.min_mask_patches_per_block,
+                args.max_mask_patches_per_block,
             )
         except ValueError as exc:
             # the generator's messages name the offending flag; they are user errors
@@ -242,11 +278,10 @@ def decode_and_transform(datas, boxes, flips, size, mean, std, device):
 
 def check_gpu_pipeline(args):
     """``--data_pipeline gpu`` needs JPEG files (an image folder) and a CUDA device; a one-line error otherwise."""
-    data_set = getattr(args, "data_set", "image_folder") or "image_folder"
-    if data_set != "image_folder":
+    if args.data_set != "image_folder":
         raise UsageError(f"--data_pipeline gpu decodes the JPEG files of --data_set image_folder, not --data_set "
-                         f"{data_set}; use --data_pipeline pil (or fast)")
-    device = str(getattr(args, "device", "cpu"))
+                         f"{args.data_set}; use --data_pipeline pil (or fast)")
+    device = str(args.device)
     if not (device.startswith("cuda") and torch.cuda.is_available()):
         raise UsageError(f"--data_pipeline gpu decodes on a CUDA device and this run has none (--device {device}); "
                          f"use --data_pipeline pil")

@@ -76,6 +76,10 @@ def free_port():
         return s.getsockname()[1]
 
 
+# how long a collective waits for the slowest process before the run fails
+DIST_TIMEOUT = datetime.timedelta(minutes=30)
+
+
 def init_distributed_mode(args):
     """Reads the launcher's environment in one place and sets args.distributed, rank, world_size, gpu.
 
@@ -106,7 +110,7 @@ def init_distributed_mode(args):
         args.device = f"cuda:{args.gpu}"
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend, init_method="env://", world_size=args.world_size, rank=args.rank,
-                            timeout=datetime.timedelta(minutes=getattr(args, "dist_timeout", 30)))
+                            timeout=DIST_TIMEOUT)
     dist.barrier()
     print0(f"distributed: {args.world_size} processes, backend {backend}")
 
@@ -273,11 +277,16 @@ def add_loader_args(p, demo_help="samples per epoch of --data_set demo"):
     p.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
 
 
+def default_device():
+    """The --device default of the entry points: cuda where there is one, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def add_run_args(p, resume_help):
     """Output, device, seed, resuming and launcher flags every training entry point has."""
     p.add_argument("--output_dir", default="", help="checkpoints, log.txt, TensorBoard events")
     p.add_argument("--log_dir", default=None, help="TensorBoard folder (default: --output_dir)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=default_device())
     p.add_argument("--seed", default=0, type=int)
     p.add_argument("--resume", default="", help=resume_help)
     p.add_argument("--auto_resume", action="store_true", default=True,

@@ -115,7 +115,7 @@ def main(argv=None):
     device = torch.device(args.device)
     if "gpu" in args.pipeline:
         try:
-            datasets.check_gpu_pipeline(argparse.Namespace(data_set="image_folder", device=args.device))
+            datasets.check_gpu_pipeline(datasets.PretrainDataConfig(device=args.device))
         except datasets.UsageError as e:
             p.error(f"{e} (here: --pipeline pil fast, or --device cuda)")
     folder = image_folder(args.root, args.num_images)

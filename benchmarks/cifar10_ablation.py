@@ -44,7 +44,7 @@ import checkpoints  # noqa: E402
 import knn  # noqa: E402
 import modeling_bootmae  # noqa: E402
 from benchmarks import cached_probe  # noqa: E402
-from datasets import build_dataset  # noqa: E402
+from datasets import EvalDataConfig, build_dataset  # noqa: E402
 
 ENCODER = dict(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3)
 COMMON = ["--model", "bootmae_tiny", "--input_size", "32", "--patch_size", "4", "--encoder_dim", "96",
@@ -192,7 +192,7 @@ def main():
             raise SystemExit(f"error: {args.data_path} has no {split}.npz; give --data_path the CIFAR-10 npz folder")
     data_dir = os.path.join(args.out, "pretrain_data")
     subset_npz(os.path.join(args.data_path, "train.npz"), os.path.join(data_dir, "train.npz"), args.train_images)
-    eval_args = argparse.Namespace(data_set="npz", data_path=args.data_path, input_size=32, crop_pct=1.0)
+    eval_args = EvalDataConfig(data_set="npz", data_path=args.data_path, input_size=32, crop_pct=1.0)
     train_set, _ = build_dataset(True, eval_args)
     test_set, _ = build_dataset(False, eval_args)
     if args.eval_images:

@@ -35,7 +35,7 @@ import knn  # noqa: E402
 import modeling_bootmae  # noqa: E402
 import pretrained  # noqa: E402
 from benchmarks import cached_probe  # noqa: E402
-from datasets import build_dataset  # noqa: E402
+from datasets import EvalDataConfig, build_dataset  # noqa: E402
 
 
 # patch size -> (masked patches, block budget, smallest and largest block) on the grid of a 32 px image. 4 px: the
@@ -64,7 +64,7 @@ def knn_of_checkpoint(args, path):
 
 def eval_sets(args):
     """(train, test) data sets with the evaluation transform every row of the table shares (``--crop_pct``)."""
-    ns = argparse.Namespace(data_set="npz", data_path=args.data_path, input_size=32, crop_pct=args.crop_pct)
+    ns = EvalDataConfig(data_set="npz", data_path=args.data_path, input_size=32, crop_pct=args.crop_pct)
     return build_dataset(True, ns)[0], build_dataset(False, ns)[0]
 
 

@@ -1,4 +1,3 @@
-import argparse
 import io
 import os
 import pickle
@@ -34,7 +33,7 @@ def _args(**overrides):
         num_mask_patches=30,
     )
     fields.update(overrides)
-    return argparse.Namespace(**fields)
+    return pipelines.PretrainDataConfig(**fields)
 
 
 def _random_image(rng, size=(48, 40)):
@@ -124,7 +123,7 @@ def test_exact_mask_count_per_item(tmp_path, mask_type):
 
 def test_minimal_namespace_uses_release_defaults(tmp_path):
     _make_image_folder(tmp_path, per_class=1)
-    ds = datasets.build_pretraining_dataset(argparse.Namespace(data_path=str(tmp_path)))
+    ds = datasets.build_pretraining_dataset(pipelines.PretrainDataConfig(data_path=str(tmp_path)))
     _check_item(ds[0], mask_num=147, num_patches=196, input_size=224)
     text = repr(ds.transform)
     assert "RandomResizedCrop" in text and "Normalize" in text
@@ -390,7 +389,7 @@ def test_demo_dataset():
 
 
 def test_demo_default_size():
-    ds = datasets.build_pretraining_dataset(argparse.Namespace(data_set="demo", input_size=32, patch_size=8))
+    ds = datasets.build_pretraining_dataset(pipelines.PretrainDataConfig(data_set="demo", input_size=32, patch_size=8))
     assert len(ds) == 2048
 
 
@@ -451,7 +450,8 @@ def test_npz_pretraining_and_labelled(tmp_path):
     img, mask = ds[5]
     assert len(ds) == 12 and img.shape == (3, 32, 32) and int(mask.sum()) == 48
     assert ds.targets == list(labels)
-    val, n = datasets.build_dataset(False, args)
+    eval_args = datasets.EvalDataConfig(data_set="npz", data_path=str(tmp_path), input_size=32)
+    val, n = datasets.build_dataset(False, eval_args)
     assert n == 3 and len(val) == 6 and val[4][1] == 1
     with pytest.raises(UsageError, match="train.npz"):
         datasets.build_pretraining_dataset(_args(data_set="npz", data_path=str(tmp_path / "none")))

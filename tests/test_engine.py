@@ -249,7 +249,7 @@ def test_param_groups_decay_rules():
 
 def test_create_optimizer_is_adamw_with_release_betas():
     model = _tiny_model()
-    opt = create_optimizer(argparse.Namespace(weight_decay=0.05, lr=1e-3), model)
+    opt = create_optimizer(argparse.Namespace(weight_decay=0.05, lr=1e-3, fused_adamw=True), model)
     assert isinstance(opt, torch.optim.AdamW)
     assert all(g["betas"] == (0.9, 0.95) for g in opt.param_groups)
     assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 0.05]
@@ -263,7 +263,7 @@ def _engine_args(**kw):
              model_ema_warmup_epochs=100, model_ema_dynamic_epochs=400, weight_mask=False, clip_grad=None,
              print_freq=100, weight_decay=0.05, lr=1e-3, model_ema=True, pixel_warmup_epochs=0, pixel_weight=1.0,
              feature_ramp=0.25, target_fraction=1.0, pixel_norm="channel", compile=False, data_pipeline="pil",
-             target_encoder="ema")
+             target_encoder="ema", fused_adamw=True)
     a.update(kw)
     return argparse.Namespace(**a)
 

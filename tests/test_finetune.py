@@ -239,7 +239,7 @@ def test_torchrun_two_processes_and_sharded_eval(files):
     ckpt = checkpoints.load_checkpoint(str(out / "checkpoint-last.pth"))
     model = mb.bootmae_tiny_patch16_224(img_size=32, patch_size=4, num_classes=10)
     rcf.load_classifier(model, ckpt["model"], "checkpoint-last.pth")
-    args = argparse.Namespace(data_set="npz", data_path=files["data"], input_size=32, crop_pct=1.0)
+    args = datasets.EvalDataConfig(data_set="npz", data_path=files["data"], input_size=32, crop_pct=1.0)
     val, _ = datasets.build_dataset(False, args)
     stats = evaluate(torch.utils.data.DataLoader(val, batch_size=5), model, torch.device("cpu"))
     assert (stats["acc1"], stats["acc5"]) == (record["test_acc1"], record["test_acc5"])

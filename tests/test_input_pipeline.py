@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import time
-import types
 import warnings
 
 import pytest
@@ -147,8 +146,8 @@ def _pattern_image(width=400, height=300):
 
 def test_pil_pipeline_output_unchanged():
     """DataAugmentationForBootMAE's items for a fixed seed, as the code before --data_pipeline produced them."""
-    args = types.SimpleNamespace(input_size=64, patch_size=16, mask_num=12, num_mask_patches=8,
-                                 min_mask_patches_per_block=2, max_mask_patches_per_block=6)
+    args = pipelines.PretrainDataConfig(input_size=64, patch_size=16, mask_num=12, num_mask_patches=8,
+                                        min_mask_patches_per_block=2, max_mask_patches_per_block=6)
     aug = pipelines.DataAugmentationForBootMAE(args)
     torch.manual_seed(7)
     expected = [(-67.192, [-0.62353, 0.43529, 0.49804], [0, 1, 2, 3, 4, 5, 6, 7, 11, 12, 14, 15]),
@@ -166,7 +165,7 @@ def test_pil_pipeline_output_unchanged():
 def test_crop_boxes_and_flips_are_random_resized_crops(min_crop_scale):
     """The fast pipeline's crop box and flip are RandomResizedCrop.get_params (scale (--min_crop_scale, 1),
     ratio 3/4..4/3) and RandomHorizontalFlip's draw (p 0.5) from the same torch RNG state."""
-    args = types.SimpleNamespace(input_size=224, min_crop_scale=min_crop_scale)
+    args = pipelines.PretrainDataConfig(input_size=224, min_crop_scale=min_crop_scale)
     aug = pipelines.UInt8AugmentationForBootMAE(args)
     image = pipelines.uint8_image(_pattern_image(500, 375))
     flips, areas = [], []

@@ -150,7 +150,8 @@ def test_knn_monitor_crop_pct(tmp_path):
     def monitor(crop_pct):
         args = argparse.Namespace(knn_freq=1, knn_k=20, knn_temperature=0.07, knn_data_set="npz",
                                   knn_data_path=str(tmp_path), input_size=32, knn_batch_size=2, batch_size=2,
-                                  num_workers=0, knn_pool="avg", knn_crop_pct=crop_pct)
+                                  num_workers=0, knn_pool="avg", knn_crop_pct=crop_pct, demo_size=2048,
+                                  imagenet_default_mean_and_std=False)
         return knn.KnnMonitor.from_args(args, torch.device("cpu"))
 
     resize = [t for t in monitor(None).val_loader.dataset.transform.transforms if type(t).__name__ == "Resize"]
