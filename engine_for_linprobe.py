@@ -193,5 +193,6 @@ def load_head(model, ckpt, path):
     bad = [k for k in own if own[k].shape != head[k].shape]
     if bad:
         raise utils.UsageError(f"{path}: head.{bad[0]} is {tuple(head[bad[0]].shape)} there but "
-                               f"{tuple(own[bad[0]].shape)} here; pass the --model and --nb_classes it was trained with")
+                               f"{tuple(own[bad[0]].shape)} here; pass the --model and --nb_classes it was "
+                               f"trained with")
     model.head.load_state_dict(head)

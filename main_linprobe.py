@@ -29,8 +29,8 @@ import checkpoints
 import modeling_bootmae
 import utils
 from datasets import build_dataset, build_eval_transform
-from engine_for_linprobe import (build_optimizer, build_probe, build_train_transform, evaluate_probe, head_state, load_head,
-                                 load_probe_encoder, sync_head_buffers, train_one_epoch)
+from engine_for_linprobe import (build_optimizer, build_probe, build_train_transform, evaluate_probe, head_state,
+                                 load_head, load_probe_encoder, sync_head_buffers, train_one_epoch)
 from pretrained import parse_model_size
 
 
@@ -247,11 +247,7 @@ def train(args, model, optimizer, loaders, start_epoch, max_accuracy, n_paramete
     if args.distributed:
         head = DistributedDataParallel(model.head, device_ids=[args.gpu] if device.type == "cuda" else None)
 
-    # the output folder and the TensorBoard events file appear with the run's first record (LazySummaryWriter,
-    # checkpoints.append_log, checkpoints.save_on_master): a run that fails before it has anything to write leaves
-    # nothing
-    log_writer = (utils.LazySummaryWriter(args.log_dir or args.output_dir)
-                  if utils.is_main_process() and args.output_dir else None)
+    log_writer = utils.run_log_writer(args)  # None off rank 0; creates nothing before the first record
     best = {"acc1": max_accuracy, "stats": None}
 
     def run_epoch(epoch):

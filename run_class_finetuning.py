@@ -452,11 +452,7 @@ def main(args):
         args, model, groups, device, world, ds_dtype, ckpt, resume_path)
     start_epoch, best = resume_position(args, ckpt, resume_path)
     mixup_fn, criterion = build_criterion(args)
-    # the output folder and the TensorBoard events file appear with the run's first record (LazySummaryWriter,
-    # checkpoints.append_log, checkpoints.save_on_master): a run that fails before it has anything to write leaves
-    # nothing
-    log_writer = (utils.LazySummaryWriter(args.log_dir or args.output_dir)
-                  if utils.is_main_process() and args.output_dir else None)
+    log_writer = utils.run_log_writer(args)  # None off rank 0; creates nothing before the first record
     if log_writer is not None and engine is not None:
         finetune_deepspeed.write_config(args, device, world)
 

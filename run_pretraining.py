@@ -121,11 +121,7 @@ def main(args):
     start_epoch = resume(args, model, targets, optimizer, loss_scaler)
     checkpoints.remove_stale_temporaries(args.output_dir)
 
-    # the output folder and the TensorBoard events file appear with the run's first record (LazySummaryWriter,
-    # checkpoints.append_log, checkpoints.save_on_master): a run that fails before it has anything to write leaves
-    # nothing
-    log_writer = (utils.LazySummaryWriter(args.log_dir or args.output_dir)
-                  if utils.is_main_process() and args.output_dir else None)
+    log_writer = utils.run_log_writer(args)  # None off rank 0; creates nothing before the first record
 
     start_time = time.time()
     step_times, last = [], {}

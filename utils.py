@@ -247,6 +247,14 @@ class LazySummaryWriter:
         return getattr(self._writer, name)
 
 
+def run_log_writer(args):
+    """The run's TensorBoard writer (``--log_dir``, else ``--output_dir``) on rank 0, None elsewhere or without an
+    output folder. Lazy: the folder and its events file appear with the run's first record (as log.txt and the
+    checkpoints do: checkpoints.append_log, checkpoints.save_on_master), so a run that fails before it has anything
+    to write leaves nothing."""
+    return LazySummaryWriter(args.log_dir or args.output_dir) if is_main_process() and args.output_dir else None
+
+
 def run_cli(description, get_args_parser, main):
     """The entry points' command line: parse, run ``main(args)``, and report user errors (UsageError) and a
     diverged run (NonFiniteLossError) as one ``error: ...`` line with exit status 2, and a failed write

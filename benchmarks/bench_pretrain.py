@@ -36,8 +36,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import modeling_bootmae  # noqa: E402
 import pretraining_args  # noqa: E402
 import pretraining_state  # noqa: E402
-from flops import classifier_flops, train_step_flops  # noqa: E402
+import utils  # noqa: E402
 from engine_for_pretraining import bootmae_loss, sample_target_patches, target_patch_count  # noqa: E402
+from flops import classifier_flops, train_step_flops  # noqa: E402
 from masking_generator import build_masking_generator  # noqa: E402
 
 # dense peak TFLOP/s (no sparsity) used when the device is recognised
@@ -248,7 +249,7 @@ def main():
     p.add_argument("--patch_size", default=None, type=int, help="default: the model's")
     p.add_argument("--decoder_dim", default=None, type=int, help="pixel decoder width (default: the model's)")
     p.add_argument("--mask_num", default=None, type=int, help="default: 75 %% of the patches")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=utils.default_device())
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     p.add_argument("--path", nargs="+", default=["fast"], choices=["fast", "plain"])
     p.add_argument("--compile", action="store_true", help="torch.compile the model and momentum encoder (fast path)")
