@@ -1,6 +1,7 @@
 """Checkpoint reading and writing for every entry point: the atomic write on rank 0 (``save_on_master``) and its
 errors, safe loading (``load_checkpoint``: weights_only with a short allow-list), resume and auto-resume with fallback
-to older files, the run's ``args`` stored as plain values, the schedule-change warning, and log.txt appends."""
+to older files, the run's ``args`` stored as plain values, the schedule-change warning, log.txt appends, and the epoch loop of the
+training entry points (``run_epochs``), which orders each epoch's record before its checkpoints."""
 import argparse
 import glob
 import json

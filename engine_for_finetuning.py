@@ -9,8 +9,8 @@ import torch.nn as nn
 from timm.utils import accuracy
 
 import utils
-from optim_factory import optimizer_step, set_schedules
 from finetune_deepspeed import deepspeed_step
+from optim_factory import optimizer_step, set_schedules
 
 
 def report_step(logger, optimizer, log_writer, epoch, step, steps_per_epoch, start):

@@ -16,7 +16,7 @@ all of them crop, flip and mask alike (and a resumed run stays exact).
 ``DataAugmentationForBootMAE`` is the pil pipeline's transform; ``datasets.build_pretraining_loader`` builds
 the DataLoader of each pipeline over ``datasets.build_pretraining_dataset``'s images. All of them read their
 settings from run_pretraining.py's parsed arguments or from a ``PretrainDataConfig``, which holds the same
-fields with the same defaults.
+fields with the parser's defaults, except the grid-dependent ones (patch size and mask counts; see its fields).
 """
 import dataclasses
 from typing import Optional

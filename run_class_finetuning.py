@@ -474,6 +474,7 @@ def main(args):
     checkpoints.run_epochs(args, start_epoch, train_loader.sampler, log_writer, run_epoch)
     return best
 
+
 def cli():
     utils.run_cli("BootMAE fine-tuning", get_args_parser, main)
 

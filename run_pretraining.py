@@ -137,7 +137,7 @@ def main(args):
         if knn_monitor is not None:
             record.update(knn_monitor(epoch, model, momentum_encoder, log_writer))
         last["record"] = record
-        return record, lambda: save_epoch(args, epoch, stats, model, targets, optimizer, loss_scaler, dataset, device,
+        return record, lambda: finish_epoch(args, epoch, stats, model, targets, optimizer, loss_scaler, dataset, device,
                                           log_writer)
 
     # each epoch: train, its log.txt record, then its checkpoints (checkpoints.run_epochs)
@@ -146,7 +146,7 @@ def main(args):
         write_metrics(args.metrics_json, last["record"], step_times, time.time() - start_time, model)
 
 
-def save_epoch(args, epoch, stats, model, targets, optimizer, loss_scaler, dataset, device, log_writer):
+def finish_epoch(args, epoch, stats, model, targets, optimizer, loss_scaler, dataset, device, log_writer):
     """The epoch's checkpoints, its summary line and, at numbered checkpoints and the end, the reconstruction grid."""
     save_checkpoint(args, epoch, model, targets, optimizer, loss_scaler)
     world, rank = utils.get_world_size(), utils.get_rank()

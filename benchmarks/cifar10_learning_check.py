@@ -288,5 +288,6 @@ def main():
     print(f"pretraining {args.epochs} epochs: {pretrain_s / 60:.1f} min; "
           f"evaluation {results['eval_seconds'] / 60:.1f} min")
 
+
 if __name__ == "__main__":
     main()

@@ -24,8 +24,7 @@ import modeling_bootmae as mb  # noqa: E402
 import run_class_finetuning as rcf  # noqa: E402
 import utils  # noqa: E402
 from engine_for_finetuning import evaluate  # noqa: E402
-from optim_factory import set_schedules  # noqa: E402
-from optim_factory import adamw, finetune_param_groups  # noqa: E402
+from optim_factory import adamw, finetune_param_groups, set_schedules  # noqa: E402
 
 REF = os.path.join(ROOT, "tests", "data", "official_small_reference.pt")
 SMALL = dict(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=6)

@@ -71,7 +71,7 @@ TOTAL_BATCH = {"imagenet": 4096, "cifar10": 512}
 IMAGES = {"imagenet": 1_281_167, "cifar10": 50_000}   # training images per epoch (ImageNet-1k train, CIFAR-10)
 
 # GPU-hour estimates scale a measured training step by FLOPs: hours = epochs x images x (the run's FLOPs per
-# image / the measured configuration's, benchmarks/bench_pretrain.py's analytic count) x seconds per image of the
+# image / the measured configuration's, flops.py's analytic count) x seconds per image of the
 # measured configuration. Per setting: its run_pretraining.py flags, seconds per image, and the source (README).
 TIMING = {
     "imagenet": (("--model", "bootmae_base"), 0.0724 / 256,
@@ -415,7 +415,7 @@ def dry_run(planner, selected):
             each = sum(planner.of_row[s].hours() for s in selected if planner.of_row[s].setting == setting)
             print(f"{setting} pretraining: ~{_hours(hours)} GPU-hours on H100s (~{_hours(each)} with one "
                   f"pretraining per row); basis: {TIMING[setting][2]}, scaled by each run's FLOPs per image "
-                  f"(benchmarks/bench_pretrain.py) and epochs")
+                  f"(flops.py) and epochs")
 
 
 def main():
