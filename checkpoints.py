@@ -132,8 +132,10 @@ def run_epochs(args, start_epoch, sampler, log_writer, run_epoch, summary=None):
     and ``sampler``, then ``run_epoch(epoch)`` trains and evaluates and returns (the epoch's log.txt record, a
     function that writes its checkpoints). The record is appended first, then the checkpoints are written: a run
     killed before checkpoint-last.pth moves on repeats the epoch, and its first record replaces the one left
-    behind (append_log). The TensorBoard writer is flushed after each epoch and closed at the end;
-    the closing line "training time ..." ends with ``summary()`` when given."""
+    behind (append_log). Temporary files an interrupted run left are removed first (``remove_stale_temporaries``).
+    The TensorBoard writer is flushed after each epoch and closed at the end; the closing line "training time ..."
+    ends with ``summary()`` when given."""
+    remove_stale_temporaries(args.output_dir)
     rank = utils.get_rank()
     utils.print0(f"training epochs {start_epoch}..{args.epochs - 1}")
     start_time = time.time()

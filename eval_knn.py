@@ -81,9 +81,7 @@ def main(args):
     result = knn.knn_accuracy(model, train_loader, val_loader, device, args.k, args.temperature, args.pool, amp_dtype)
     utils.print0(f"kNN top-1 {result['top1']:.2f} %  top-5 {result['top5']:.2f} %")
     utils.print0("result: " + json.dumps(result))
-    if args.output_dir:
-        if utils.is_main_process():
-            os.makedirs(args.output_dir, exist_ok=True)
+    if args.output_dir:   # append_log creates the folder
         checkpoints.append_log(args.output_dir, {"knn_top1": result["top1"], "knn_top5": result["top5"],
                                                  "checkpoint": args.checkpoint, "model_key": args.model_key,
                                                  "k": args.k, "temperature": args.temperature, "pool": args.pool})

@@ -213,7 +213,7 @@ def build_model(args, device):
     model = build_probe(args, args.nb_classes)
     load_probe_encoder(model, args.finetune, args.model_key)
     model.to(device)
-    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_parameters = modeling_bootmae.count_trainable(model)
     utils.print0(f"probe: bootmae_{args.size}, {args.depth} blocks, "
                  f"{'mean of patch tokens + LayerNorm' if args.global_pool else 'cls token'}, "
                  f"head BN + Linear({model.embed_dim}, {args.nb_classes}): {n_parameters:,} trainable parameters")
@@ -242,7 +242,6 @@ def train(args, model, optimizer, loaders, start_epoch, max_accuracy, n_paramete
     checkpoint-best.pth when top-1 improves and checkpoint-last.pth. Returns the last epoch's test statistics
     (None when no epoch is left)."""
     train_loader, val_loader = loaders
-    checkpoints.remove_stale_temporaries(args.output_dir)
     head = model.head
     if args.distributed:
         head = DistributedDataParallel(model.head, device_ids=[args.gpu] if device.type == "cuda" else None)

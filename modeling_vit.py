@@ -49,7 +49,8 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         grid = self.patch_embed.grid_size
         self.register_buffer("pos_embed", sincos_pos_embed_2d(embed_dim, *grid), persistent=False)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        # on the CPU whatever the default device (a model built on the meta device reads the rates too)
+        dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dpr[i], norm_layer,
                   layer_scale_init, grid if use_rel_pos_bias else None)

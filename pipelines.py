@@ -19,6 +19,7 @@ settings from run_pretraining.py's parsed arguments or from a ``PretrainDataConf
 fields with the parser's defaults, except the grid-dependent ones (patch size and mask counts; see its fields).
 """
 import dataclasses
+import io
 from typing import Optional
 
 import numpy as np
@@ -157,8 +158,6 @@ def one_line(exc):
     text = str(exc) or type(exc).__name__
     return " ".join(text.split())
 
-#
-
 
 DATA_PIPELINES = ("pil", "fast", "gpu")
 
@@ -231,8 +230,7 @@ def jpeg_bytes_loader(path):
     last Start-Of-Scan is truncated (raises OSError). Other formats and the JPEGs nvJPEG does not decode
     (CMYK, ...) are decoded by PIL here and handed on re-encoded as RGB JPEG (quality 95, no chroma
     subsampling)."""
-    import io
-    with Image.open(path) as img:
+    with Image.open(path) as img:   # the header only; opened by path so that errors name the file
         size, fmt, mode = img.size, img.format, img.mode
     with open(path, "rb") as f:
         data = f.read()

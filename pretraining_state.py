@@ -1,7 +1,6 @@
 """What a pretraining run builds from its flags and keeps between runs: the model (``build_model``), the frozen
 target of ``--target_encoder fixed`` (``load_fixed_target``), the checkpoints (``save_checkpoint``, ``resume``,
 which also read the release's) and the final metrics (``write_metrics``)."""
-import json
 import os
 
 import torch
@@ -176,6 +175,4 @@ def write_metrics(path, record, step_times, seconds, model):
     metrics = {**record, "s_per_step": steps[len(steps) // 2], "train_seconds": seconds,
                "trainable_parameters": modeling_bootmae.count_trainable(model)}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(metrics, f, indent=1)
-    os.replace(path + ".tmp", path)
+    utils.write_json_atomic(path, metrics)

@@ -405,7 +405,6 @@ def resume_position(args, ckpt, resume_path):
             utils.print0(f"resume: {resume_path} has no epoch number; its weights start epoch {start_epoch}")
         utils.print0(f"resume: continuing at epoch {start_epoch}")
         checkpoints.warn_schedule_changes(args, ckpt, resume_path, SCHEDULE_FLAGS)
-    checkpoints.remove_stale_temporaries(args.output_dir)
     return start_epoch, best
 
 

@@ -119,7 +119,6 @@ def main(args):
 
     optimizer, loss_scaler, lr_schedule, wd_schedule = build_optimisation(args, model, len(loader), world, device)
     start_epoch = resume(args, model, targets, optimizer, loss_scaler)
-    checkpoints.remove_stale_temporaries(args.output_dir)
 
     log_writer = utils.run_log_writer(args)  # None off rank 0; creates nothing before the first record
 

@@ -2,6 +2,7 @@
 by the entry points (checkpoint reading and writing: checkpoints.py)."""
 import argparse
 import datetime
+import json
 import math
 import os
 import random
@@ -35,12 +36,20 @@ def one_line_error(exc):
     return " ".join(text.split())
 
 
+def write_json_atomic(path, obj):
+    """``obj`` as indented JSON at ``path``, written to ``path.tmp`` and renamed: a reader never sees half a file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def mark_first_nonfinite(record, loss, step, *values):
     """``record``: a device tensor [1 + len(values)] whose first entry is -1 until a step's ``loss`` is NaN or
     infinite; that first step's number and ``values`` (e.g. the loss terms) are then written into it. No host
     sync: the training loop reads it (``record[0] >= 0``) at its print interval and raises NonFiniteLossError."""
     first = (record[0] < 0) & ~torch.isfinite(loss.detach())
-    now = torch.stack([torch.tensor(float(step), device=record.device, dtype=record.dtype),
+    # new_full fills on the device: torch.tensor(..., device=cuda) would copy from the host and wait for the GPU
+    now = torch.stack([record.new_full((), float(step)),
                        *(torch.as_tensor(v).detach().to(record) for v in values)])
     record.copy_(torch.where(first, now, record))
 
@@ -172,7 +181,6 @@ class LossScaler:
     """The GradScaler of a run, kept in checkpoints under ``scaler``: active for fp16 only (for bf16 and float32
     its calls pass through). The training loops call ``scaler`` in the open (scale -> backward; on the update
     micro-step ``optim_factory.optimizer_step``: unscale_ -> clip -> step -> update)."""
-    state_dict_key = "scaler"
 
     def __init__(self, device_type, fp16):
         self.fp16 = fp16

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
+from timm.models.beit import gen_relative_position_index
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -93,17 +94,8 @@ def padded_attention(q, k, v, dropout_p=0.0, multiple=8, bias=None):
 
 def relative_position_index(grid_h, grid_w):
     """BEiT's [1 + N, 1 + N] index into a relative position bias table of (2h-1)(2w-1) + 3 rows: the patch
-    pairs by (row offset, column offset), then one row each for cls->patch, patch->cls and cls->cls."""
-    rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
-    coords = torch.stack([rows.flatten(), cols.flatten()])              # [2, N]
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)    # [N, N, 2]
-    num = (2 * grid_h - 1) * (2 * grid_w - 1) + 3
-    index = torch.zeros(grid_h * grid_w + 1, grid_h * grid_w + 1, dtype=torch.long)
-    index[1:, 1:] = (rel[..., 0] + grid_h - 1) * (2 * grid_w - 1) + rel[..., 1] + grid_w - 1
-    index[0, :] = num - 3
-    index[:, 0] = num - 2
-    index[0, 0] = num - 1
-    return index
+    pairs by (row offset, column offset), then one row each for cls->patch, patch->cls and cls->cls (timm's)."""
+    return gen_relative_position_index((grid_h, grid_w))
 
 
 @lru_cache(maxsize=None)

@@ -47,7 +47,7 @@ import shlex
 import subprocess
 import sys
 
-from torch.utils._device import DeviceContext
+import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -104,17 +104,6 @@ SMOKE_WARMUP = ("--pixel_warmup_epochs", "1", "--epochs", "2")
 KEY_IGNORED = ("output_dir", "log_dir", "metrics_json", "device")
 
 
-class _MetaDevice(DeviceContext):
-    """Builds a model on the meta device (no memory, no initialisation); torch.linspace stays on the CPU, as the
-    encoder reads its drop-path rates from it with .tolist()."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        import torch
-        if func is torch.linspace:
-            return func(*args, **(kwargs or {}))
-        return super().__torch_function__(func, types, args, kwargs)
-
-
 def parse_pretraining(flags, stand_in=None):
     """run_pretraining's Namespace of ``flags`` after its checks. ``stand_in``: an existing file that replaces
     ``--target_checkpoint`` for the checks (the checkpoint of a pretraining that has not run yet)."""
@@ -132,7 +121,7 @@ def parse_pretraining(flags, stand_in=None):
 def _model_facts(flags):
     """(architecture in the flags' terms, training FLOPs per image) of the model that ``flags`` build."""
     args = parse_pretraining(flags, stand_in=__file__ if "--target_checkpoint" in flags else None)
-    with _MetaDevice("meta"):
+    with torch.device("meta"):   # no memory, no initialisation
         model = pretraining_state.build_model(args)
     decoder = model.pixel_decoder or model.feature_decoder
     arch = dict(patch_size=model.patch_size, encoder_dim=model.embed_dim, encoder_depth=len(model.blocks),
@@ -275,12 +264,6 @@ def best_top1(log_path):
     return best
 
 
-def _write_json(path, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
 class Busy(Exception):
     """Another process runs the stage and --no_wait is set."""
 
@@ -337,7 +320,7 @@ class Runner:
             with locked(directory, kind, not self.opts.no_wait):
                 if not os.path.isfile(result) or self.opts.force:
                     self.call(cmd, env)
-                    _write_json(result, {"top1": best_top1(os.path.join(directory, kind, "log.txt"))})
+                    utils.write_json_atomic(result, {"top1": best_top1(os.path.join(directory, kind, "log.txt"))})
         with open(result) as f:
             return json.load(f)["top1"]
 
@@ -363,7 +346,7 @@ class Runner:
         if run.flags is not None:
             with open(os.path.join(self.planner.run_dir(run), "pretrain", "metrics.json")) as f:
                 metrics["pretrain"] = json.load(f)
-        _write_json(metrics_path, metrics)
+        utils.write_json_atomic(metrics_path, metrics)
         print(f"{table.key}/{row.key}: {json.dumps({k: v for k, v in metrics.items() if k.endswith('_top1')})}",
               flush=True)
 
