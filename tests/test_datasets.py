@@ -409,7 +409,7 @@ def test_dataloader_with_workers(tmp_path):
     ds = datasets.build_pretraining_dataset(_args(data_path=str(tmp_path)))
     assert len(ds) == 16
     torch.manual_seed(0)
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, shuffle=True)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, shuffle=True, timeout=120)
     batches = list(loader)
     assert len(batches) == 4
     masks = []
@@ -429,7 +429,7 @@ def test_dataloader_with_workers(tmp_path):
 def test_dataloader_workers_skip_corrupt_files(tmp_path):
     _folder_with_bad_files(tmp_path)
     ds = datasets.build_pretraining_dataset(_args(data_path=str(tmp_path)))
-    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2)
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2, timeout=120)
     total = 0
     for imgs, mask in loader:
         assert torch.isfinite(imgs).all()

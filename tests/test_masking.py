@@ -278,7 +278,7 @@ def test_dataloader_workers_draw_different_reproducible_masks():
 
     def load():
         torch.manual_seed(7)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2, timeout=120)
         per_worker = {0: [], 1: []}
         for mask, worker in loader:
             per_worker[int(worker)].append(mask.numpy())
@@ -308,7 +308,7 @@ def test_worker_block_stage_is_the_stream_torch_seeds_python_random_with():
     # torch seeds each worker's `random` with the worker seed, the stream the release's generator drew from
     torch = pytest.importorskip("torch")
     torch.manual_seed(3)
-    loaded = list(torch.utils.data.DataLoader(_BlockDataset(), batch_size=None, num_workers=1))
+    loaded = list(torch.utils.data.DataLoader(_BlockDataset(), batch_size=None, num_workers=1, timeout=120))
     seed = int(loaded[0][1])
     replay = MaskingGenerator(14, 120, min_num_patches=16, max_num_patches=60)
     python_random = random.Random(seed)
