@@ -60,12 +60,13 @@ def adamw(groups, lr, betas=(0.9, 0.999), eps=1e-8, fused=True):
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
 
 
-def create_optimizer(args, model, skip_list=None, betas=(0.9, 0.95), **group_kwargs):
-    """AdamW over ``param_groups`` with run_pretraining.py's ``args.lr``, ``args.weight_decay`` and
-    ``args.fused_adamw``; betas (0.9, 0.95) as the release hard-wires for pretraining, eps adamw's 1e-8."""
+def create_optimizer(args, model, skip_list=None, betas=(0.9, 0.95), lr=None, **group_kwargs):
+    """AdamW over ``param_groups`` with run_pretraining.py's ``args.lr`` (or ``lr``, the batch-scaled one),
+    ``args.weight_decay`` and ``args.fused_adamw``; betas (0.9, 0.95) as the release hard-wires for
+    pretraining, eps adamw's 1e-8."""
     skip = set(skip_list if skip_list is not None else getattr(model, "no_weight_decay", set)())
     groups = param_groups(model, args.weight_decay, skip, **group_kwargs)
-    return adamw(groups, args.lr, betas, fused=args.fused_adamw)
+    return adamw(groups, args.lr if lr is None else lr, betas, fused=args.fused_adamw)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -79,21 +79,19 @@ def wrap_model(args, model, device):
 def build_optimisation(args, model, num_batches, world, device):
     """AdamW, the loss scaler and the per-step lr and weight-decay schedules; the lr scaled by the total batch."""
     total_batch = args.batch_size * args.update_freq * world
-    base_lr = args.lr
-    args.lr = base_lr * total_batch / 256
+    lr = args.lr * total_batch / 256  # args (and so checkpoints) keep the base lr given on the command line
     steps_per_epoch = num_batches // args.update_freq
-    utils.print0(f"lr {args.lr:.3e} (base {base_lr:.3e} x total batch {total_batch} / 256), "
+    utils.print0(f"lr {lr:.3e} (base {args.lr:.3e} x total batch {total_batch} / 256), "
                  f"{steps_per_epoch} steps per epoch")
-    if args.min_lr > args.lr:
-        utils.print0(f"warning: --min_lr {args.min_lr:.3e} is above the scaled lr {args.lr:.3e}, so the cosine "
+    if args.min_lr > lr:
+        utils.print0(f"warning: --min_lr {args.min_lr:.3e} is above the scaled lr {lr:.3e}, so the cosine "
                      f"rises to it (min_lr is absolute, as in the release); lower --min_lr for small batches")
-    optimizer = create_optimizer(args, model)
+    optimizer = create_optimizer(args, model, lr=lr)
     loss_scaler = utils.LossScaler(device.type, fp16=args.amp == "fp16")
-    lr_schedule = utils.cosine_scheduler(args.lr, args.min_lr, args.epochs, steps_per_epoch, args.warmup_epochs,
+    lr_schedule = utils.cosine_scheduler(lr, args.min_lr, args.epochs, steps_per_epoch, args.warmup_epochs,
                                          args.warmup_lr)
     wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
     wd_schedule = utils.cosine_scheduler(args.weight_decay, wd_end, args.epochs, steps_per_epoch)
-    args.lr = base_lr  # checkpoints store the base lr, as given on the command line
     return optimizer, loss_scaler, lr_schedule, wd_schedule
 
 
