@@ -29,6 +29,7 @@ from engine_for_pretraining import train_one_epoch  # noqa: E402
 from optim_factory import create_optimizer  # noqa: E402
 from target_encoders import build_target_encoder  # noqa: E402
 import tables  # noqa: E402
+from shared_helpers import read_log  # noqa: E402
 
 SMALL = ["--input_size", "32", "--patch_size", "8", "--encoder_dim", "32", "--encoder_depth", "12",
          "--encoder_heads", "2", "--mask_num", "12", "--num_mask_patches", "10", "--min_mask_patches_per_block", "2",
@@ -313,7 +314,7 @@ def test_cli_run_with_a_warmup_and_an_epoch_ema_target(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "target encoder: epoch_ema, 16 patches per image fed to it" in proc.stdout
-    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    log = read_log(out)
     assert [(r["train_pixel_weight"], r["train_feature_weight"]) for r in log] == [(1.0, 0.0), (0.0, 1.0)]
     assert log[0]["train_feature_loss"] == 0 and log[1]["train_pixel_loss"] == 0 and log[1]["train_feature_loss"] > 0
     ckpt = checkpoints.load_checkpoint(str(out / "checkpoint-last.pth"))

@@ -15,7 +15,8 @@ import torch
 import checkpoints
 import run_class_finetuning as rcf
 import run_pretraining
-from test_finetune import _log as read_log, _run as run_finetuning
+from shared_helpers import read_log
+from test_finetune import _run as run_finetuning
 from test_linprobe import make_npz, make_pretrained
 from test_pretraining_e2e import COMMON, _ok, run_cli
 

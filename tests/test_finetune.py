@@ -25,6 +25,7 @@ import run_class_finetuning as rcf  # noqa: E402
 import utils  # noqa: E402
 from engine_for_finetuning import evaluate  # noqa: E402
 from optim_factory import adamw, finetune_param_groups, set_schedules  # noqa: E402
+from shared_helpers import read_log  # noqa: E402
 
 REF = os.path.join(ROOT, "tests", "data", "official_small_reference.pt")
 SMALL = dict(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=6)
@@ -169,11 +170,6 @@ def _run(args, threads=1, launcher=()):
     return proc.stdout
 
 
-def _log(out):
-    with open(os.path.join(out, "log.txt")) as f:
-        return [json.loads(line) for line in f]
-
-
 def _in_process(argv, capsys):
     """The entry point's ``main`` in this process (no interpreter start-up); returns what it printed."""
     capsys.readouterr()
@@ -193,7 +189,7 @@ def test_single_process_train_resume_and_eval(files, capsys):
     _in_process(_common(files, out, "--epochs", "1", *flags), capsys)
     stdout = _in_process(_common(files, out, "--epochs", "2", *flags), capsys)  # auto-resume: checkpoint-last.pth
     assert "resume: continuing at epoch 1" in stdout and "moments restart" not in stdout
-    log = _log(out)
+    log = read_log(out)
     assert [r["epoch"] for r in log] == [0, 1]
     assert log[-1]["test_num_images"] == 10
     written = os.listdir(out)
@@ -217,7 +213,7 @@ def test_compiled_training_matches_eager(files, capsys):
         out = files["root"] / name
         stdout = _in_process(_common(files, out, "--epochs", "1", "--seed", "3", flag), capsys)
         assert ("torch.compile: training forward compiled" in stdout) == (name == "compiled")
-        logs[name] = _log(out)[-1]
+        logs[name] = read_log(out)[-1]
     assert logs["compiled"]["train_loss"] == pytest.approx(logs["eager"]["train_loss"], rel=1e-4)
     assert logs["compiled"]["test_loss"] == pytest.approx(logs["eager"]["test_loss"], rel=1e-4)
 
@@ -232,7 +228,7 @@ def test_torchrun_two_processes_and_sharded_eval(files):
     launcher = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(utils.free_port()))
     stdout = _run(_common(files, out, "--epochs", "1", "--batch_size", "2", "--dist_eval"), launcher=launcher)
     assert "distributed: 2 processes, backend gloo" in stdout
-    (record,) = _log(out)
+    (record,) = read_log(out)
     assert record["test_num_images"] == 10  # the shards hold each test image once
     # the checkpoint, evaluated in this single process, scores what the two shards scored together
     ckpt = checkpoints.load_checkpoint(str(out / "checkpoint-last.pth"))
@@ -255,7 +251,7 @@ def test_deepspeed_zero1_bf16_train_resume_and_eval(files, capsys):
     assert "DeepSpeed: ZeRO stage 1, bf16" in stdout
     stdout = _run(_common(files, out, "--epochs", "2", *flags))
     assert "resume: DeepSpeed state from" in stdout and "resume: continuing at epoch 1" in stdout
-    log = _log(out)
+    log = read_log(out)
     assert [r["epoch"] for r in log] == [0, 1]
     # the lr_scale of every group reached DeepSpeed's optimizer: the patch embedding's lr is 0.75^13 x the head's
     assert log[-1]["train_min_lr"] == pytest.approx(log[-1]["train_lr"] * 0.75 ** 13)
@@ -279,7 +275,7 @@ def test_deepspeed_fp32_zero0_logs_the_gradient_norm(files):
     assert "DeepSpeed: ZeRO stage 0, fp32" in stdout
     norms = [float(line.split("grad_norm ")[1].split()[0]) for line in stdout.splitlines() if "grad_norm " in line]
     assert len(norms) == 2 and all(0 < n < 1e3 for n in norms), norms
-    (record,) = _log(out)
+    (record,) = read_log(out)
     assert record["train_grad_norm"] == pytest.approx(sum(norms) / 2, abs=1e-3)
 
 

@@ -26,8 +26,9 @@ import run_class_finetuning as rcf
 import utils
 from engine_for_finetuning import train_one_epoch
 from optim_factory import adamw, finetune_param_groups
-from test_finetune import _in_process, _log, one_thread  # noqa: F401  (one_thread: autouse fixture)
-from test_linprobe import common, make_npz, parse, probe_data, read_log  # noqa: F401  (probe_data: fixture)
+from shared_helpers import read_log
+from test_finetune import _in_process, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from test_linprobe import common, make_npz, parse, probe_data  # noqa: F401  (probe_data: fixture)
 
 # four colour classes: chance is 25 %; every test below asks for at least this top-1 accuracy
 ACCURACY_BAR = 90.0
@@ -113,7 +114,7 @@ def test_finetuning_learns_and_its_ema_is_the_ema_of_the_steps(colours, tmp_path
             "--model_ema_decay", str(decay), "--save_ckpt_freq", "0", "--print_freq", "100", "--no_auto_resume"]
     with StepRecorder(lambda _: state_copy(built[0]), ema_decay=decay) as rec:
         _in_process(argv, capsys)
-    log = _log(out)
+    log = read_log(out)
     # the lr of the head's group (layer scale 1, the largest) at each optimizer step, as BEiT's scheduler gives it
     # over 12 steps: a 4-step linear warm-up from 0 that ends on the peak, then a half cosine to --min_lr 1e-6
     peak, low = 2e-3, 1e-6

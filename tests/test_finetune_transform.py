@@ -14,7 +14,8 @@ from torchvision import transforms
 
 import datasets
 import run_class_finetuning as rcf
-from test_finetune import _common, _in_process, _log, files, one_thread  # noqa: F401 (fixtures)
+from shared_helpers import read_log
+from test_finetune import _common, _in_process, files, one_thread  # noqa: F401 (fixtures)
 
 RELEASE_AA = "rand-m9-mstd0.5-inc1"  # the release's --aa default, which its fine-tuning scripts keep
 
@@ -108,6 +109,6 @@ def test_one_epoch_fine_tune_with_the_default_aa(files, capsys, monkeypatch):  #
     assert built
     for transform in built:
         assert [op.aug_fn for op in _posterize_ops(transform)] == [datasets.posterize_0_bits_black]
-    log = _log(out)
+    log = read_log(out)
     assert [r["epoch"] for r in log] == [0] and np.isfinite(log[0]["train_loss"])
     assert (out / "checkpoint-last.pth").is_file()

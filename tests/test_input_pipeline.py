@@ -16,6 +16,7 @@ from torchvision import transforms
 import datasets
 import pipelines
 import run_pretraining
+from shared_helpers import read_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -98,18 +99,13 @@ class SlowDataset(torch.utils.data.Dataset):
         return self.base[index]
 
 
-def _log(out):
-    with open(os.path.join(out, "log.txt")) as f:
-        return [json.loads(line) for line in f]
-
-
 def test_log_reports_images_per_s_and_data_wait(tmp_path, monkeypatch, capsys):
     flags = TINY + ["--data_set", "demo", "--demo_size", "16", "--batch_size", "8", "--epochs", "1",
                     "--print_freq", "1", "--num_workers", "0"]
     out = str(tmp_path / "run")
     run_pretraining.main(run_pretraining.get_args_parser().parse_args(flags + ["--output_dir", out]))
     console = capsys.readouterr().out
-    (record,) = _log(out)
+    (record,) = read_log(out)
     assert record["train_images_per_s"] > 0 and 0 <= record["train_data_wait"] <= 1
     assert "train_loss" in record and "train_s_per_step" not in record
     intervals = [line for line in console.splitlines() if line.startswith("Epoch: [0] [")]
@@ -128,7 +124,7 @@ def test_log_reports_images_per_s_and_data_wait(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(run_pretraining, "build_pretraining_dataset", lambda args: SlowDataset(build(args), 0.05))
     slow_out = str(tmp_path / "slow")
     run_pretraining.main(run_pretraining.get_args_parser().parse_args(flags + ["--output_dir", slow_out]))
-    (slow,) = _log(slow_out)
+    (slow,) = read_log(slow_out)
     assert slow["train_data_wait"] > 0.6 and slow["train_data_wait"] > record["train_data_wait"]
     assert slow["train_images_per_s"] < 8 / 0.4   # at most one batch per 0.4 s
     assert "waiting for data (input-bound: raise --num_workers or use --data_pipeline fast)" in capsys.readouterr().out

@@ -20,6 +20,7 @@ import export_timm  # noqa: E402
 import knn  # noqa: E402
 import modeling_bootmae  # noqa: E402
 import utils  # noqa: E402
+from shared_helpers import read_log  # noqa: E402
 
 
 def perturbed(model, seed=0):
@@ -133,8 +134,7 @@ def test_pretraining_knn_hook_uses_momentum_encoder(knn_data, tmp_path, monkeypa
         "--output_dir", str(out), "--knn_freq", "5", "--knn_data_set", "npz", "--knn_data_path", str(knn_data),
         "--knn_batch_size", "32"])
     run_pretraining.main(args)
-    with open(out / "log.txt") as f:
-        record = json.loads(f.readline())
+    record = read_log(out)[0]
     # --knn_freq 5 with one epoch: the last epoch is evaluated
     assert 0 <= record["knn_top1"] <= record["knn_top5"] <= 100
     # the momentum encoder (timm keeps the EMA copy in eval mode; the online model is training at that point)

@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+from shared_helpers import read_log
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "cifar10_learning_check.py")
 # 40 probe epochs of one step each: the probe's BatchNorm needs that many updates before its running statistics
@@ -58,8 +60,7 @@ def test_learning_check_end_to_end(data, tmp_path, patch_size):
     assert table.count("\n") == 6 and "| BootMAE |" in table and "| raw pixels, encoder input | 100.00 | - |" in table
     for name in ("init.pth", "pretrain/checkpoint-last.pth", "pretrain/log.txt"):
         assert os.path.isfile(os.path.join(out, name)), name
-    with open(os.path.join(out, "pretrain", "log.txt")) as f:
-        assert [json.loads(line)["epoch"] for line in f] == [0]
+    assert [record["epoch"] for record in read_log(os.path.join(out, "pretrain"))] == [0]
 
     # --skip_pretrain evaluates the same checkpoint again and gives the same figures
     again = _run("--data_path", data, "--output_dir", out, "--patch_size", patch_size, *FAST, "--skip_pretrain")

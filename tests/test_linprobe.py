@@ -2,7 +2,6 @@
 whose --eval reproduces the logged accuracy, and bad input. Tiny encoder at 32 px (2x2 patches of 16 px)
 on a 4-class npz data set made here, so every run takes seconds."""
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import main_linprobe  # noqa: E402
 import modeling_bootmae  # noqa: E402
 import utils  # noqa: E402
 from pretrained import parse_model_size  # noqa: E402
+from shared_helpers import read_log  # noqa: E402
 
 COLORS = np.array([[220, 30, 30], [30, 200, 40], [40, 40, 220], [230, 220, 40]])
 
@@ -60,11 +60,6 @@ def common(root, *extra):
 
 def parse(argv):
     return main_linprobe.get_args_parser().parse_args(argv)
-
-
-def read_log(folder):
-    with open(os.path.join(folder, "log.txt")) as f:
-        return [json.loads(line) for line in f]
 
 
 def test_model_names():

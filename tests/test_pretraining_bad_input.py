@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 import modeling_bootmae
-from test_pretraining_e2e import COMMON, _log, _ok, run_cli
+from shared_helpers import read_log
+from test_pretraining_e2e import COMMON, _ok, run_cli
 
 SENTINEL_CKPT = b"checkpoint of an earlier run\n"
 SENTINEL_LOG = b'{"epoch": 41, "train_loss": 0.5}\n'
@@ -140,6 +141,6 @@ def test_truncated_image_is_skipped_with_a_warning(tmp_path):
     assert len(warnings) == 1, proc.stderr
     assert str(bad) in warnings[0] and "truncated" in warnings[0]
     assert not any(f"good{i}.jpg" in proc.stderr for i in range(7))
-    log = _log(out)
+    log = read_log(out)
     assert [r["epoch"] for r in log] == [0] and math.isfinite(log[0]["train_loss"])
     assert (out / "checkpoint-0.pth").exists()

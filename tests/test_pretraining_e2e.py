@@ -6,7 +6,6 @@ All runs use a tiny configuration: bootmae_tiny at 32 px (a 2x2 patch grid, 3 pa
 1-block decoder, the bundled demo photos, num_workers 0 unless a test is about workers.
 """
 import argparse
-import json
 import math
 import os
 import re
@@ -28,6 +27,7 @@ import modeling_bootmae  # noqa: E402
 from engine_for_pretraining import WALL_CLOCK_STATS, ema_momentum_at  # noqa: E402
 import checkpoints  # noqa: E402
 import utils  # noqa: E402
+from shared_helpers import clean_env, read_log  # noqa: E402
 
 TIMEOUT = 300
 COMMON = ["--model", "bootmae_tiny", "--input_size", "32", "--decoder_dim", "64", "--decoder_depth", "1",
@@ -42,30 +42,15 @@ PNG_SIZE = (5 * (96 + 2) + 2, 28 + 4 * (96 + 2) + 2)
 DONE_RE = re.compile(r"epoch (\d+) done: loss (\S+) \(pixel (\S+), feature (\S+)\) averaged over (\d+) process")
 
 
-def _env(**extra):
-    """The caller's environment without launcher variables, so that a test run inside a SLURM job or a
-    torchrun does not make the CLI think it is one rank of a distributed job."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-           and not k.startswith("SLURM_")}
-    env.update(extra)
-    return env
-
-
 def run_cli(args, **env):
     return subprocess.run([sys.executable, "run_pretraining.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=TIMEOUT, env=_env(**env))
+                          timeout=TIMEOUT, env=clean_env(**env))
 
 
 def _ok(proc):
     assert proc.returncode == 0, \
         f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
     assert "Traceback" not in proc.stderr
-
-
-def _log(out):
-    with open(os.path.join(out, "log.txt")) as f:
-        return [json.loads(line) for line in f]
 
 
 def _load(path):
@@ -107,7 +92,7 @@ def test_compiled_run_matches_eager(run_a, tmp_path):
     proc = run_cli(DEMO[:-1] + ["1", "--compile", "--output_dir", out], OMP_NUM_THREADS="1")
     _ok(proc)
     assert "torch.compile: model, target encoder and losses compiled" in proc.stdout
-    compiled, eager = _log(out)[0], _log(eager_out)[0]
+    compiled, eager = read_log(out)[0], read_log(eager_out)[0]
     for key in ("train_loss", "train_pixel_loss", "train_feature_loss"):
         assert compiled[key] == pytest.approx(eager[key], rel=1e-4), key
 
@@ -121,7 +106,7 @@ def test_cpu_demo_run_outputs(run_a):
                                                 "reconstruction.png"]   # no leftover .tmp files
 
     # log.txt: one JSON record per epoch
-    log = _log(out)
+    log = read_log(out)
     assert [r["epoch"] for r in log] == list(range(EPOCHS))
     for r in log:
         for key in ("train_loss", "train_pixel_loss", "train_feature_loss", "train_grad_norm", "train_lr"):
@@ -221,7 +206,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                                "--master_port", str(utils.free_port()), str(wrapper), *args],
                               cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT,
-                              env=_env(RANK_DUMP_DIR=str(dumps), OMP_NUM_THREADS="1"))
+                              env=clean_env(RANK_DUMP_DIR=str(dumps), OMP_NUM_THREADS="1"))
         if proc.returncode == 0 or "address already in use" not in (proc.stdout + proc.stderr).lower():
             break
     _ok(proc)
@@ -246,7 +231,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert len(events) == 1
     assert sorted(set(names) - set(events)) == ["checkpoint-1.pth", "checkpoint-last.pth", "log.txt",
                                                 "reconstruction.png"]
-    log = _log(out)
+    log = read_log(out)
     assert [r["epoch"] for r in log] == [0, 1]   # written once, by rank 0
     for r in log:
         assert float(lines[("0", str(r["epoch"]))][0]) == pytest.approx(r["train_loss"], abs=1e-4)
@@ -276,7 +261,7 @@ def test_launch_style_local_rank_is_accepted(argv, expected):
 # -------------------------------------------------------------------------------------- 3. resume
 
 def _start_and_kill_after_first_checkpoint(cmd_args, out):
-    proc = subprocess.Popen([sys.executable, "run_pretraining.py", *cmd_args], cwd=ROOT, env=_env(),
+    proc = subprocess.Popen([sys.executable, "run_pretraining.py", *cmd_args], cwd=ROOT, env=clean_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = os.path.join(out, "checkpoint-last.pth")
     deadline = time.monotonic() + TIMEOUT
@@ -322,8 +307,8 @@ def test_resume_after_kill_is_bit_exact(run_a, tmp_path):
     assert os.path.exists(os.path.join(out, f"checkpoint-{EPOCHS - 1}.pth"))
 
     # the schedules continued: the resumed epochs have the uninterrupted run's lr, loss, momentum
-    a_log = {r["epoch"]: r for r in _log(a_out)}
-    b_log = _log(out)
+    a_log = {r["epoch"]: r for r in read_log(a_out)}
+    b_log = read_log(out)
     b_epochs = [r["epoch"] for r in b_log]
     assert b_epochs[-(EPOCHS - start):] == list(range(start, EPOCHS))   # written after the resume
     assert len(set(b_epochs)) == len(b_epochs)
@@ -364,7 +349,7 @@ def test_release_format_checkpoint_resumes(tmp_path):
     assert re.search(r"optimizer state in .* does not match this model's parameter groups \(release ordering\); "
                      r"AdamW moments restart", proc.stdout)
     assert "training epochs 1..1" in proc.stdout
-    assert [r["epoch"] for r in _log(out)] == [1]
+    assert [r["epoch"] for r in read_log(out)] == [1]
 
     ckpt = _load(os.path.join(out, "checkpoint-last.pth"))
     assert ckpt["epoch"] == 1

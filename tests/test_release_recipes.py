@@ -329,12 +329,13 @@ def test_mae_builds_the_mae_model_masks_and_target():
 
 
 def test_mae_one_epoch_trains(tmp_path):
-    from test_pretraining_e2e import COMMON, _load, _log, _ok, run_cli
+    from shared_helpers import read_log
+    from test_pretraining_e2e import COMMON, _load, _ok, run_cli
     out = str(tmp_path / "mae")
     # COMMON's small decoder (64 wide, 1 block) comes before --mae and is kept
     _ok(run_cli(COMMON + ["--mae", "--data_set", "demo", "--demo_size", "16", "--batch_size", "8", "--epochs", "1",
                           "--output_dir", out]))
-    record, = _log(out)
+    record, = read_log(out)
     assert math.isfinite(record["train_loss"]) and record["train_loss"] > 0 and record["train_feature_loss"] == 0
     ckpt = _load(os.path.join(out, "checkpoint-last.pth"))
     assert ckpt["epoch"] == 0 and "model_ema" not in ckpt and "target_encoder" not in ckpt

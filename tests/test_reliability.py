@@ -27,6 +27,7 @@ import main_linprobe  # noqa: E402
 import run_class_finetuning  # noqa: E402
 import run_pretraining  # noqa: E402
 import utils  # noqa: E402
+from shared_helpers import clean_env, read_log  # noqa: E402
 
 TINY = ["--model", "bootmae_tiny", "--input_size", "32", "--decoder_dim", "64", "--decoder_depth", "1",
         "--mask_num", "3", "--num_mask_patches", "2", "--min_mask_patches_per_block", "1",
@@ -59,20 +60,14 @@ runpy.run_path(script, run_name="__main__")
 """
 
 
-def _env():
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                              "MASTER_PORT") and not k.startswith("SLURM_")}
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 def _kill_inside_save(tmp_path, nth, argv):
     """Starts the run, waits until its ``nth`` save has half-written its temporary file, kills it (SIGKILL)."""
     wrapper = tmp_path / "save_hook.py"
     wrapper.write_text(WRAPPER)
     marker = tmp_path / f"marker-{nth}-{time.monotonic_ns()}"
     proc = subprocess.Popen([sys.executable, str(wrapper), str(nth), str(marker), "run_pretraining.py", *argv],
-                            cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env=clean_env(OMP_NUM_THREADS=1), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not marker.exists():
         if proc.poll() is not None:
@@ -86,8 +81,7 @@ def _kill_inside_save(tmp_path, nth, argv):
 
 
 def _log_epochs(out):
-    with open(os.path.join(out, "log.txt")) as f:
-        return [json.loads(line)["epoch"] for line in f]
+    return [record["epoch"] for record in read_log(out)]
 
 
 def _run_cli(module, argv, monkeypatch, capsys):

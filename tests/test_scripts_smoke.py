@@ -19,7 +19,6 @@ Two checks per script:
 """
 import argparse
 import copy
-import json
 import math
 import os
 import re
@@ -42,6 +41,7 @@ import run_class_finetuning  # noqa: E402
 import run_pretraining  # noqa: E402
 import utils  # noqa: E402
 from tiny_coco import write_tiny_ade20k, write_tiny_coco  # noqa: E402
+from shared_helpers import clean_env, read_log  # noqa: E402
 
 ENTRY_POINTS = {"run_pretraining.py": run_pretraining, "run_class_finetuning.py": run_class_finetuning,
                 "main_linprobe.py": main_linprobe}
@@ -158,11 +158,8 @@ SBATCH_SCRIPTS = (shipped("scripts/pretrain", ".sbatch") + shipped("scripts/fine
 def _env(**extra):
     """The caller's environment without launcher and script variables, so that a run inside a SLURM job, a
     torchrun or a shell that sets GPUS or BATCH sees only what a test gives it."""
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK", "GPUS", "NPROC",
-            "BATCH", "DATA_PATH", "OUTPUT_DIR", "FINETUNE", "PYTHON", "CONFIG", "CHECKPOINT", "PRETRAINED")
-    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("SLURM_")}
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
+    return clean_env(("NNODES", "NODE_RANK", "GPUS", "NPROC", "BATCH", "DATA_PATH", "OUTPUT_DIR", "FINETUNE", "PYTHON",
+                      "CONFIG", "CHECKPOINT", "PRETRAINED"), **extra)
 
 
 def _executable(path, text):
@@ -336,8 +333,7 @@ def _run_script(script, out, **env):
                           text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, f"{script}: exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert "Traceback" not in proc.stderr
-    with open(os.path.join(out, "log.txt")) as f:
-        log = [json.loads(line) for line in f]
+    log = read_log(out)
     assert [r["epoch"] for r in log] == [0]
     assert math.isfinite(log[0]["train_loss"])
     ckpt = checkpoints.load_checkpoint(os.path.join(out, "checkpoint-last.pth"))
