@@ -339,3 +339,28 @@ def test_checkpoint_write_failure_removes_the_temporary(tmp_path, monkeypatch):
                        match=r"checkpoint-3.pth \(\[enforce fail .*\); [0-9.]+ MiB free on .*it needs about 0.0 MiB"):
         checkpoints.save_on_master({"w": torch.zeros(4)}, path)
     assert os.listdir(tmp_path) == []
+
+
+def test_suite_refuses_to_start_without_room_for_its_temporary_files(tmp_path, monkeypatch):
+    """tests/conftest.py: under NEEDED_GB free where the temporary files go, one line and exit status 2."""
+    import types
+
+    import conftest
+    where = tmp_path / "not" / "yet"
+    session = types.SimpleNamespace(config=types.SimpleNamespace(option=types.SimpleNamespace(basetemp=str(where))))
+    seen = []
+
+    def usage(free_gb):
+        def disk_usage(path):
+            seen.append(path)
+            return types.SimpleNamespace(free=int(free_gb * 2 ** 30))
+        return disk_usage
+
+    monkeypatch.setattr(conftest.shutil, "disk_usage", usage(0.5))
+    with pytest.raises(pytest.exit.Exception) as info:
+        conftest.pytest_sessionstart(session)
+    assert info.value.returncode == 2 and seen == [str(tmp_path)]   # measured on the nearest existing folder
+    assert info.value.msg == (f"only 0.5 GB free for the tests' temporary files in {where}; they need about 3 GB: "
+                              f"free some space, or set TMPDIR (or --basetemp) to a larger disk")
+    monkeypatch.setattr(conftest.shutil, "disk_usage", usage(conftest.NEEDED_GB + 0.1))
+    assert conftest.pytest_sessionstart(session) is None
