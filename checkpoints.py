@@ -134,11 +134,11 @@ def run_epochs(args, start_epoch, sampler, log_writer, run_epoch, summary=None):
     killed before checkpoint-last.pth moves on repeats the epoch, and its first record replaces the one left
     behind (append_log). Temporary files an interrupted run left are removed first (``remove_stale_temporaries``).
     The TensorBoard writer is flushed after each epoch and closed at the end; the closing line "training time ..."
-    ends with ``summary()`` when given."""
+    ends with ``summary()`` when given. Returns the last epoch's record (None when no epoch was left to run)."""
     remove_stale_temporaries(args.output_dir)
     rank = utils.get_rank()
     utils.print0(f"training epochs {start_epoch}..{args.epochs - 1}")
-    start_time = time.time()
+    start_time, record = time.time(), None
     for epoch in range(start_epoch, args.epochs):
         utils.seed_everything(args.seed + 1000003 * epoch + rank)
         sampler.set_epoch(epoch)
@@ -150,6 +150,7 @@ def run_epochs(args, start_epoch, sampler, log_writer, run_epoch, summary=None):
     if log_writer is not None:
         log_writer.close()
     utils.print0(f"training time {utils.format_seconds(time.time() - start_time)}" + (summary() if summary else ""))
+    return record
 
 
 def _numpy_scalar_types():

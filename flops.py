@@ -39,10 +39,11 @@ def bootmae_flops(model, num_patches, num_masked, teacher_patches=None):
     return student, teacher, patch_embed
 
 
-def train_step_flops(model, num_patches, num_masked, teacher_patches=None):
-    """Forward + backward (2x forward; the patch embedding needs no input gradient) + momentum forward."""
+def train_step_flops(model, num_patches, num_masked, teacher_patches=None, teachers=1):
+    """Forward + backward (2x forward; the patch embedding needs no input gradient) + the forward of each of the
+    ``teachers`` target networks."""
     student, teacher, patch_embed = bootmae_flops(model, num_patches, num_masked, teacher_patches)
-    return 3 * student - patch_embed + teacher
+    return 3 * student - patch_embed + teachers * teacher
 
 
 def classifier_flops(model, num_patches, num_classes):

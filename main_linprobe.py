@@ -247,31 +247,32 @@ def train(args, model, optimizer, loaders, start_epoch, max_accuracy, n_paramete
         head = DistributedDataParallel(model.head, device_ids=[args.gpu] if device.type == "cuda" else None)
 
     log_writer = utils.run_log_writer(args)  # None off rank 0; creates nothing before the first record
-    best, last = {"acc1": max_accuracy}, {}
+    stats = None
 
     def run_epoch(epoch):
+        nonlocal max_accuracy, stats
         train_stats = train_one_epoch(model, head, train_loader, optimizer, device, epoch, args, amp_dtype, log_writer)
         sync_head_buffers(model)
         stats = evaluate_probe(model, val_loader, amp_dtype, args.dist_eval)
-        improved = stats["acc1"] > best["acc1"] or epoch == 0
-        best["acc1"], last["stats"] = max(best["acc1"], stats["acc1"]), stats
+        improved = stats["acc1"] > max_accuracy or epoch == 0
+        max_accuracy = max(max_accuracy, stats["acc1"])
         utils.print0(f"epoch {epoch}: train loss {train_stats['loss']:.4f}, test on {stats['n']} images: top-1 "
                      f"{stats['acc1']:.2f} %, top-5 {stats['acc5']:.2f} %, loss {stats['loss']:.4f} "
-                     f"(best top-1 {best['acc1']:.2f} %)")
+                     f"(best top-1 {max_accuracy:.2f} %)")
         record = {**{f"train_{k}": v for k, v in train_stats.items()}, **{f"test_{k}": v for k, v in stats.items()},
-                  "epoch": epoch, "max_accuracy": best["acc1"], "n_parameters": n_parameters}
+                  "epoch": epoch, "max_accuracy": max_accuracy, "n_parameters": n_parameters}
 
         def save_checkpoints():
             for name in (["checkpoint-best.pth"] if improved else []) + ["checkpoint-last.pth"]:
-                save(args, name, model, optimizer, epoch, best["acc1"], stats)
+                save(args, name, model, optimizer, epoch, max_accuracy, stats)
             if log_writer is not None:
                 for key in ("acc1", "acc5", "loss"):
                     log_writer.add_scalar(f"perf/test_{key}", stats[key], epoch)
         return record, save_checkpoints
 
     checkpoints.run_epochs(args, start_epoch, train_loader.sampler, log_writer, run_epoch,
-                           summary=lambda: f", best top-1 {best['acc1']:.2f} %")
-    return last.get("stats")
+                           summary=lambda: f", best top-1 {max_accuracy:.2f} %")
+    return stats
 
 
 def main(args):

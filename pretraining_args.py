@@ -125,14 +125,11 @@ def check_args(args):
         raise utils.UsageError(f"--min_mask_patches_per_block {args.min_mask_patches_per_block} exceeds "
                                f"--max_mask_patches_per_block {args.max_mask_patches_per_block}; lower the minimum "
                                f"or raise the maximum (the release: 16 and 60)")
-    try:
-        model_cfg = modeling_bootmae.MODEL_SIZES[args.model.replace("bootmae_", "")]
-    except KeyError:
-        raise utils.UsageError(f"unknown --model {args.model}; choose one of "
-                               + ", ".join(f"bootmae_{k}" for k in modeling_bootmae.MODEL_SIZES)) from None
-    if args.model != "bootmae_" + args.model.replace("bootmae_", ""):
+    size = args.model.removeprefix("bootmae_")
+    if not args.model.startswith("bootmae_") or size not in modeling_bootmae.MODEL_SIZES:
         raise utils.UsageError(f"unknown --model {args.model}; choose one of "
                                + ", ".join(f"bootmae_{k}" for k in modeling_bootmae.MODEL_SIZES))
+    model_cfg = modeling_bootmae.MODEL_SIZES[size]
     patch = args.patch_size or model_cfg["patch_size"]
     if args.input_size % patch:
         raise utils.UsageError(f"--input_size {args.input_size} is not divisible by the patch size {patch} of "

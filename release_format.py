@@ -127,12 +127,12 @@ def load_encoder(model, state_dict):
     return loaded, missing, unused
 
 
-def load_checkpoint_encoder(model, checkpoint, path, model_key="model", entry=None):
+def load_checkpoint_encoder(model, checkpoint, path, model_key="model", entry=encoder_state_dict):
     """``load_encoder`` of the tensors that ``entry`` (default ``encoder_state_dict``; the backbone passes
     ``backbone_state_dict``) reads from ``checkpoint``, the loaded file ``path``. A checkpoint without them, or
     of another size, raises UsageError naming ``path``. Returns (loaded, not_in_checkpoint, unused) key lists."""
     try:
-        return load_encoder(model, (entry or encoder_state_dict)(checkpoint, model_key))
+        return load_encoder(model, entry(checkpoint, model_key))
     except ValueError as e:
         raise utils.UsageError(f"{path}: {e}") from e
 

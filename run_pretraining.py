@@ -121,7 +121,7 @@ def main(args):
     log_writer = utils.run_log_writer(args)  # None off rank 0; creates nothing before the first record
 
     start_time = time.time()
-    step_times, last = [], {}
+    step_times = []
 
     def run_epoch(epoch):
         stats = train_one_epoch(model_ddp, targets, loader, optimizer, loss_scaler, device, epoch,
@@ -133,14 +133,13 @@ def main(args):
         record = {"epoch": epoch, **{f"train_{k}": v for k, v in stats.items()}}
         if knn_monitor is not None:
             record.update(knn_monitor(epoch, model, momentum_encoder, log_writer))
-        last["record"] = record
         return record, lambda: finish_epoch(args, epoch, stats, model, targets, optimizer, loss_scaler, dataset, device,
                                           log_writer)
 
     # each epoch: train, its log.txt record, then its checkpoints (checkpoints.run_epochs)
-    checkpoints.run_epochs(args, start_epoch, sampler, log_writer, run_epoch)
-    if args.metrics_json and utils.is_main_process() and last:
-        write_metrics(args.metrics_json, last["record"], step_times, time.time() - start_time, model)
+    record = checkpoints.run_epochs(args, start_epoch, sampler, log_writer, run_epoch)
+    if args.metrics_json and utils.is_main_process() and record is not None:
+        write_metrics(args.metrics_json, record, step_times, time.time() - start_time, model)
 
 
 def finish_epoch(args, epoch, stats, model, targets, optimizer, loss_scaler, dataset, device, log_writer):

@@ -1,7 +1,6 @@
 import os
 import shutil
 import sys
-import tempfile
 
 import pytest
 
@@ -14,12 +13,14 @@ if ROOT not in sys.path:
 NEEDED_GB = 3
 
 
-def pytest_sessionstart(session):
-    where = os.path.abspath(session.config.option.basetemp or tempfile.gettempdir())
-    existing = where
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    free = shutil.disk_usage(existing).free / 2 ** 30
+def check_room(where):
+    free = shutil.disk_usage(where).free / 2 ** 30
     if free < NEEDED_GB:
         pytest.exit(f"only {free:.1f} GB free for the tests' temporary files in {where}; they need about "
                     f"{NEEDED_GB} GB: free some space, or set TMPDIR (or --basetemp) to a larger disk", returncode=2)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def room_for_temporary_files(tmp_path_factory):
+    # pytest's own base folder, made (and the earlier runs' folders beyond the retention count removed) first
+    check_room(tmp_path_factory.getbasetemp())

@@ -20,7 +20,7 @@ import export_timm  # noqa: E402
 import knn  # noqa: E402
 import modeling_bootmae  # noqa: E402
 import utils  # noqa: E402
-from shared_helpers import read_log  # noqa: E402
+from shared_helpers import clean_env, read_log  # noqa: E402
 
 
 def perturbed(model, seed=0):
@@ -100,9 +100,8 @@ def test_knn_single_process_and_torchrun_agree(knn_data):
     assert single["n_train"] == 63 and single["n_val"] == 31 and 0 <= single["top1"] <= single["top5"] <= 100
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(utils.free_port()), "eval_knn.py", *knn_argv(knn_data, "--batch_size", "5")]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(OMP_NUM_THREADS=1), capture_output=True, text=True,
+                          timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("result: ")]
     assert len(line) == 1  # printed by rank 0 only

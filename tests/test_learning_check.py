@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from shared_helpers import read_log
+from shared_helpers import clean_env, read_log
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "cifar10_learning_check.py")
@@ -29,9 +29,8 @@ def _npz(path, n, seed):
 
 
 def _run(*args):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     return subprocess.run([sys.executable, SCRIPT, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**env, "OMP_NUM_THREADS": "1"})
+                          env=clean_env(OMP_NUM_THREADS=1))
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import main_linprobe  # noqa: E402
 import modeling_bootmae  # noqa: E402
 import utils  # noqa: E402
 from pretrained import parse_model_size  # noqa: E402
-from shared_helpers import read_log  # noqa: E402
+from shared_helpers import clean_env, read_log  # noqa: E402
 
 COLORS = np.array([[220, 30, 30], [30, 200, 40], [40, 40, 220], [230, 220, 40]])
 
@@ -150,9 +150,8 @@ def test_torchrun_two_processes_then_eval_reproduces(probe_data, tmp_path):
            "main_linprobe.py", *common(probe_data, "--finetune", str(probe_data / "pretrained.pth"), "--depth", "4",
                                        "--batch_size", "8", "--accum_iter", "2", "--epochs", "2",
                                        "--warmup_epochs", "1", "--lr", "10", "--dist_eval", "--output_dir", str(out))]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(OMP_NUM_THREADS=1), capture_output=True, text=True,
+                          timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "distributed: 2 processes, backend gloo" in proc.stdout
     log = read_log(out)

@@ -237,7 +237,7 @@ def test_a_record_replaces_those_of_its_epoch_and_later(tmp_path, capsys):
     assert (tmp_path / "log.txt").read_text().splitlines() == lines[:2] + ['{"epoch": 2, "train_loss": 0.5}']
     assert "3 record(s) from epoch 2 on dropped" in capsys.readouterr().out
     checkpoints.append_log(str(tmp_path), {"epoch": 3, "train_loss": 0.25})   # nothing to drop
-    assert [json.loads(line)["epoch"] for line in (tmp_path / "log.txt").read_text().splitlines()] == [0, 1, 2, 3]
+    assert _log_epochs(tmp_path) == [0, 1, 2, 3]
     assert "dropped" not in capsys.readouterr().out
 
 
@@ -346,8 +346,6 @@ def test_suite_refuses_to_start_without_room_for_its_temporary_files(tmp_path, m
     import types
 
     import conftest
-    where = tmp_path / "not" / "yet"
-    session = types.SimpleNamespace(config=types.SimpleNamespace(option=types.SimpleNamespace(basetemp=str(where))))
     seen = []
 
     def usage(free_gb):
@@ -358,9 +356,9 @@ def test_suite_refuses_to_start_without_room_for_its_temporary_files(tmp_path, m
 
     monkeypatch.setattr(conftest.shutil, "disk_usage", usage(0.5))
     with pytest.raises(pytest.exit.Exception) as info:
-        conftest.pytest_sessionstart(session)
-    assert info.value.returncode == 2 and seen == [str(tmp_path)]   # measured on the nearest existing folder
-    assert info.value.msg == (f"only 0.5 GB free for the tests' temporary files in {where}; they need about 3 GB: "
+        conftest.check_room(tmp_path)
+    assert info.value.returncode == 2 and seen == [tmp_path]
+    assert info.value.msg == (f"only 0.5 GB free for the tests' temporary files in {tmp_path}; they need about 3 GB: "
                               f"free some space, or set TMPDIR (or --basetemp) to a larger disk")
     monkeypatch.setattr(conftest.shutil, "disk_usage", usage(conftest.NEEDED_GB + 0.1))
-    assert conftest.pytest_sessionstart(session) is None
+    assert conftest.check_room(tmp_path) is None

@@ -130,9 +130,9 @@ def _model_facts(flags):
                 context_blocks=list(model.context_blocks))
     patches = (args.input_size // model.patch_size) ** 2
     fed = target_patch_count(args.target_fraction, patches) if args.target_fraction < 1 else None
-    student, teacher, patch_embed = flops.bootmae_flops(model, patches, args.mask_num, fed)
-    targets = 2 if args.target_encoder == "mae_new" else 1   # MAE-new feeds a fast and a slow target network
-    return arch, 3 * student - patch_embed + targets * teacher
+    # MAE-new feeds a fast and a slow target network
+    return arch, flops.train_step_flops(model, patches, args.mask_num, fed,
+                                        teachers=2 if args.target_encoder == "mae_new" else 1)
 
 
 def _digest(obj):
@@ -245,7 +245,6 @@ class Planner:
 
 def init_checkpoint(args, path):
     """A freshly initialised model of the Namespace ``args`` (the "no pretraining" rows), in our layout."""
-    import torch
     torch.manual_seed(args.seed)
     model = pretraining_state.build_model(args)
     # save_on_master writes atomically (temporary file, then rename) and creates the folder
